@@ -1,0 +1,250 @@
+"""FACENet and ResNet: shapes, parameter counts, gradients, FCE gating."""
+
+import functools
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from facenet_jax.constants import MODALITIES
+from facenet_jax.models import FACENet, ResNet
+from facenet_jax.models import facenet as facenet_lib
+
+# torchvision's resnet{18,50} parameter counts without the 1000-way fc layer.
+TORCHVISION_PARAMS = {18: 11_689_512 - 513_000, 50: 25_557_032 - 2_049_000}
+TINY = dict(depth=18, width_multiplier=0.125, fmi_reduction=4)
+H, W = 64, 32
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _images(key, batch: int, h: int = H, w: int = W) -> dict:
+  keys = jax.random.split(key, len(MODALITIES))
+  return {m: jax.random.normal(k, (batch, h, w, 3))
+          for m, k in zip(MODALITIES, keys)}
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_variables(**overrides):
+  model = FACENet(num_classes=7, **{**TINY, **overrides})
+  flare = jnp.zeros((2, 2))
+  return model, jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0), _images(jax.random.key(1), 2), flare)
+
+
+class ResNetTest(parameterized.TestCase):
+
+  @parameterized.parameters(18, 50)
+  def test_parameter_count_matches_torchvision(self, depth):
+    variables = jax.eval_shape(
+        lambda: ResNet(depth=depth).init(jax.random.key(0),
+                                         jnp.zeros((1, 256, 128, 3))))
+    self.assertEqual(_count(variables["params"]), TORCHVISION_PARAMS[depth])
+
+  @parameterized.parameters((1, (16, 8)), (2, (8, 4)))
+  def test_last_stride(self, last_stride, hw):
+    model = ResNet(depth=50, last_stride=last_stride)
+    out = jax.eval_shape(
+        lambda: model.init_with_output(jax.random.key(0),
+                                       jnp.zeros((2, 256, 128, 3)))[0])
+    self.assertEqual(out.shape, (2, *hw, 2048))
+
+  def test_bfloat16_compute_float32_params(self):
+    model = ResNet(depth=18, width_multiplier=0.125, dtype=jnp.bfloat16)
+    out, variables = jax.eval_shape(
+        lambda: model.init_with_output(jax.random.key(0),
+                                       jnp.zeros((1, 64, 32, 3))))
+    self.assertEqual(out.dtype, jnp.bfloat16)
+    self.assertTrue(all(x.dtype == jnp.float32
+                        for x in jax.tree.leaves(variables["params"])))
+
+  def test_unknown_depth(self):
+    with self.assertRaisesRegex(ValueError, "model.backbone"):
+      ResNet(depth=42).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+class PaperConfigTest(parameterized.TestCase):
+  """Paper-size model through jax.eval_shape only (no ResNet50 compile)."""
+
+  def _shapes(self, **kwargs):
+    model = FACENet(num_classes=100, depth=50, **kwargs)
+    images = {m: jnp.zeros((2, 256, 128, 3)) for m in MODALITIES}
+    return jax.eval_shape(lambda: model.init_with_output(
+        jax.random.key(0), images, jnp.zeros((2, 2)), train=False))
+
+  def test_output_shapes(self):
+    out, _ = self._shapes()
+    self.assertEqual(out.embedding.shape, (2, 3 * 2048))
+    for m in MODALITIES:
+      self.assertEqual(out.features[m].shape, (2, 2048))
+      self.assertEqual(out.logits[m].shape, (2, 100))
+    self.assertEqual(set(out.masks), {"rgb", "ni"})
+    self.assertEqual(out.masks["rgb"].shape, (2, 16, 8, 2048))
+    self.assertEqual(out.flare_logits["ni"].shape, (2,))
+
+  def test_parameter_counts(self):
+    _, baseline = self._shapes(use_mfmp=False, use_fce=False)
+    _, full = self._shapes()
+    _, reduced = self._shapes(fmi_width=512)
+    c, classes = 2048, 100
+    backbones = 3 * TORCHVISION_PARAMS[50]
+    heads = 3 * (c + c * classes)  # BN neck scale (no bias) + classifier.
+    self.assertEqual(_count(baseline["params"]), backbones + heads)
+
+    def fmi(width):  # Conv kernels (no bias) + BN scale/bias, then attention.
+      convs = (9 * 2 * c * width + 2 * width + width * width + 2 * width +
+               9 * width * width + 2 * width + 9 * width * c + 2 * c)
+      hidden = c // 16
+      return convs + (c * hidden + hidden) + (hidden * c + c)
+    # Per flare modality: three 1x1 convs with bias, Delta, SMP head.
+    mask = 3 * (c * c + c) + 1 + (c * (c // 4) + c // 4) + (c // 4 + 1)
+    self.assertEqual(_count(full["params"]),
+                     backbones + heads + fmi(c) + 2 * mask)
+    self.assertEqual(_count(reduced["params"]),
+                     backbones + heads + fmi(512) + 2 * mask)
+
+  @parameterized.parameters(1, 2, 3)
+  def test_plug_stage_mask_resolution(self, stage):
+    out, _ = self._shapes(plug_stage=stage)
+    channels = (256, 512, 1024)[stage - 1]
+    hw = ((64, 32), (32, 16), (16, 8))[stage - 1]
+    self.assertEqual(out.masks["rgb"].shape, (2, *hw, channels))
+    self.assertEqual(out.embedding.shape, (2, 3 * 2048))
+
+  def test_fce_needs_mfmp(self):
+    with self.assertRaisesRegex(ValueError, "use_fce"):
+      self._shapes(use_mfmp=False, use_fce=True)
+
+
+class TinyModelTest(parameterized.TestCase):
+
+  def test_forward_backward_and_gradients_reach_threshold(self):
+    model, variables = _tiny_variables()
+    images = _images(jax.random.key(2), 4)
+    flare = jnp.array([[1., 1.], [1., 0.], [0., 1.], [0., 0.]])
+
+    def loss(params):
+      out, _ = model.apply({"params": params,
+                            "batch_stats": variables["batch_stats"]},
+                           images, flare, train=True, mutable=["batch_stats"])
+      return (sum(jnp.sum(l ** 2) for l in out.logits.values()) +
+              sum(jnp.sum(f) for f in out.flare_logits.values()))
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    self.assertTrue(all(np.all(np.isfinite(g))
+                        for g in jax.tree.leaves(grads)))
+    for m in ("rgb", "ni"):
+      self.assertNotEqual(float(grads[f"{m}_mask"]["threshold"]), 0.0)
+      kernel = grads[f"{m}_mask"]["mask_logits"]["kernel"]
+      self.assertGreater(float(jnp.abs(kernel).sum()), 0.0)
+    self.assertGreater(float(jnp.abs(
+        grads["fmi"]["mix1_conv"]["kernel"]).sum()), 0.0)
+
+  def test_masks_are_binary(self):
+    model, variables = _tiny_variables()
+    out = model.apply(variables, _images(jax.random.key(3), 2),
+                      jnp.ones((2, 2)))
+    for m in ("rgb", "ni"):
+      values = np.unique(np.asarray(out.masks[m]))
+      self.assertTrue(set(values.tolist()) <= {0.0, 1.0})
+
+  def test_without_fmi_has_no_fmi_parameters(self):
+    _, variables = _tiny_variables(use_fmi=False)
+    self.assertNotIn("fmi", variables["params"])
+    self.assertIn("rgb_mask", variables["params"])
+
+  def test_baseline_has_no_masks(self):
+    model, variables = _tiny_variables(use_mfmp=False, use_fce=False)
+    out = model.apply(variables, _images(jax.random.key(3), 2),
+                      jnp.ones((2, 2)))
+    self.assertEqual(dict(out.masks), {})
+    self.assertEqual(dict(out.flare_logits), {})
+
+  def test_embedding_after_bn(self):
+    model, variables = _tiny_variables(embedding_source="after_bn")
+    # Running variance 4 makes the neck halve the pooled features.
+    stats = jax.tree.map(lambda x: x, variables["batch_stats"])
+    stats["rgb_head"]["neck"]["var"] = jnp.full((64,), 4.0)
+    out = model.apply({**variables, "batch_stats": stats},
+                      _images(jax.random.key(3), 2), jnp.zeros((2, 2)))
+    self.assertEqual(out.embedding.shape, (2, 3 * 64))
+    np.testing.assert_allclose(out.embedding[:, :64],
+                               out.features["rgb"] / np.sqrt(4.0 + 1e-5),
+                               rtol=1e-5, atol=1e-6)
+
+
+class FCEGatingTest(absltest.TestCase):
+  """A sample's RGB/NI features depend on its TI image only when delta = 1."""
+
+  def setUp(self):
+    super().setUp()
+    # Plug in after stage 4 so the mask acts directly on the pooled features.
+    self.model, self.variables = _tiny_variables()
+    self.apply = jax.jit(lambda imgs, fl: self.model.apply(
+        self.variables, imgs, fl, train=False).embedding)
+    self.images = _images(jax.random.key(4), 3)
+    other_ti = jax.random.normal(jax.random.key(5), (3, H, W, 3)) * 3.0
+    self.changed = {**self.images, "ti": other_ti}
+
+  def _segments(self, emb):
+    d = emb.shape[-1] // 3
+    return {m: np.asarray(emb[:, i * d:(i + 1) * d])
+            for i, m in enumerate(MODALITIES)}
+
+  def test_clean_sample_ignores_ti(self):
+    flare = jnp.zeros((3, 2))
+    before = self._segments(self.apply(self.images, flare))
+    after = self._segments(self.apply(self.changed, flare))
+    np.testing.assert_array_equal(before["rgb"], after["rgb"])
+    np.testing.assert_array_equal(before["ni"], after["ni"])
+    self.assertFalse(np.allclose(before["ti"], after["ti"]))
+
+  def test_flare_sample_uses_ti_where_masked(self):
+    flare = jnp.ones((3, 2))
+    out = self.model.apply(self.variables, self.images, flare)
+    coverage = float(jnp.mean(out.masks["rgb"]))
+    self.assertGreater(coverage, 0.0)  # Non-empty mask at initialisation.
+    before = self._segments(self.apply(self.images, flare))
+    after = self._segments(self.apply(self.changed, flare))
+    self.assertFalse(np.allclose(before["rgb"], after["rgb"]))
+
+  def test_sample_alone_equals_sample_in_batch(self):
+    flare = jnp.array([[1., 0.], [0., 1.], [1., 1.]])
+    batch = np.asarray(self.apply(self.images, flare))
+    for i in range(3):
+      alone = np.asarray(self.apply({m: v[i:i + 1] for m, v in
+                                     self.images.items()}, flare[i:i + 1]))
+      np.testing.assert_allclose(alone[0], batch[i], rtol=1e-5, atol=1e-5)
+
+  def test_gate_function_per_sample(self):
+    f_self = jnp.ones((2, 1, 1, 4))
+    f_guide = jnp.full((2, 1, 1, 4), 5.0)
+    mask = jnp.array([1., 0., 1., 0.]).reshape(1, 1, 1, 4).repeat(2, 0)
+    enhanced = jnp.full((2, 1, 1, 4), -1.0)
+    out = facenet_lib.flare_aware_enhancement(f_self, f_guide, mask, enhanced,
+                                              jnp.array([1., 0.]))
+    np.testing.assert_array_equal(out[0, 0, 0], [5., 1., 5., 1.])
+    np.testing.assert_array_equal(out[1, 0, 0], [-1., -1., -1., -1.])
+
+
+class StraightThroughTest(absltest.TestCase):
+
+  def test_forward_hard_backward_sigmoid(self):
+    logits = jnp.array([-1.0, 0.5, 2.0])
+
+    def f(threshold):
+      return jnp.sum(facenet_lib.straight_through_mask(logits, threshold, 0.5))
+
+    np.testing.assert_array_equal(
+        facenet_lib.straight_through_mask(logits, 0.0, 0.5), [0., 1., 1.])
+    s = jax.nn.sigmoid((logits - 0.3) / 0.5)
+    expected = float(jnp.sum(-s * (1 - s) / 0.5))
+    self.assertAlmostEqual(float(jax.grad(f)(0.3)), expected, places=5)
+
+
+if __name__ == "__main__":
+  absltest.main()
