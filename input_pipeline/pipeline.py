@@ -1,0 +1,463 @@
+"""tf.data training and evaluation pipelines for aligned RGB/NI/TI triplets.
+
+The core works on a split held in memory with its images still encoded
+(`SplitData`); `load_split` is the thin TFDS reader that produces one.
+
+Training draws identity-balanced P x K batches (torchreid's
+RandomIdentitySampler): P distinct ids, K examples each. The sample order is
+computed in NumPy from (seed, epoch) and the augmentation is seeded from
+(seed, global sample position), so the batch at global step s is a pure
+function of (seed, s): `start_step` resumes exactly without replaying earlier
+steps, and the batches of all processes concatenate to the single-process one.
+"""
+
+import dataclasses
+from typing import Iterator, Optional, Sequence
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from input_pipeline import ops
+
+MODALITIES = ops.MODALITIES
+# The TFDS builders of this project (input_pipeline/datasets).
+KNOWN_DATASETS = ("wmveid863", "rgbnt100", "msvr310", "synthetic_flare")
+_LABEL_FIELDS = ("pid", "camid", "sceneid")
+_FEATURES = MODALITIES + _LABEL_FIELDS + ("flare_ratio", "file")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitData:
+  """One split in memory; images stay encoded (PNG or JPEG bytes).
+
+  Attributes:
+    rgb: (N,) object array of encoded RGB images.
+    ni: (N,) object array of encoded NI images.
+    ti: (N,) object array of encoded TI images.
+    pid: (N,) int64 original vehicle ids.
+    camid: (N,) int64 camera indices.
+    sceneid: (N,) int64 scene indices (-1 where the dataset has none).
+    flare_ratio: (N, 2) float32 saturated fraction of the raw RGB and NI image.
+    file: (N,) str relative paths, used in error messages and by evaluators.
+  """
+  rgb: np.ndarray
+  ni: np.ndarray
+  ti: np.ndarray
+  pid: np.ndarray
+  camid: np.ndarray
+  sceneid: np.ndarray
+  flare_ratio: np.ndarray
+  file: np.ndarray
+
+  def __post_init__(self):
+    file = np.asarray(self.file)
+    if file.ndim != 1:
+      raise ValueError(f"SplitData.file must have shape (N,), got {file.shape}")
+    n = file.shape[0]
+    object.__setattr__(self, "file", file.astype(str))
+    for name in MODALITIES:
+      images = np.asarray(getattr(self, name), dtype=object)
+      if images.shape != (n,):
+        raise ValueError(f"SplitData.{name} must have shape ({n},) like file, "
+                         f"got {images.shape}")
+      for i, encoded in enumerate(images):
+        if not isinstance(encoded, bytes) or not encoded:
+          raise ValueError(
+              f"SplitData.{name}[{i}] ({self.file[i]}) must be non-empty "
+              f"encoded image bytes, got {type(encoded).__name__}")
+      object.__setattr__(self, name, images)
+    for name in _LABEL_FIELDS:
+      values = np.asarray(getattr(self, name))
+      if values.shape != (n,):
+        raise ValueError(f"SplitData.{name} must have shape ({n},) like file, "
+                         f"got {values.shape}")
+      if n and not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(
+            f"SplitData.{name} must hold integers, got {values.dtype}")
+      object.__setattr__(self, name, values.astype(np.int64))
+    ratio = np.asarray(self.flare_ratio, dtype=np.float32)
+    if ratio.shape != (n, 2):
+      raise ValueError(f"SplitData.flare_ratio must have shape ({n}, 2), got "
+                       f"{ratio.shape}")
+    bad = np.flatnonzero(~np.all((ratio >= 0) & (ratio <= 1), axis=1))
+    if bad.size:
+      raise ValueError(f"SplitData.flare_ratio must lie in [0, 1]; example "
+                       f"{bad[0]} ({self.file[bad[0]]}) has {ratio[bad[0]]}")
+    object.__setattr__(self, "flare_ratio", ratio)
+
+  @property
+  def num_examples(self) -> int:
+    return int(self.pid.shape[0])
+
+  @property
+  def num_ids(self) -> int:
+    return int(np.unique(self.pid).size)
+
+
+def load_split(dataset: str, split: str, *, builder_config: str = "",
+               data_dir: Optional[str] = None,
+               manual_dir: Optional[str] = None) -> SplitData:
+  """Reads one split of a FACENet TFDS dataset into memory, images encoded.
+
+  Prepares the dataset first if needed (real datasets read their original
+  layout from manual_dir).
+
+  Args:
+    dataset: TFDS name (wmveid863 | rgbnt100 | msvr310 | synthetic_flare).
+    split: split name (train | query | gallery).
+    builder_config: builder config name; "" for the builder's default.
+    data_dir: where TFDS keeps prepared datasets; None or "" for its default.
+    manual_dir: root of a manually downloaded dataset; None or "" for none.
+
+  Returns:
+    The split as SplitData.
+  """
+  # Importing the package registers the project's builders with TFDS.
+  # pylint: disable-next=g-import-not-at-top,unused-import
+  import input_pipeline.datasets
+
+  name = f"{dataset}/{builder_config}" if builder_config else dataset
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    registered = set(tfds.list_builders(with_community_datasets=False))
+    known = [d for d in KNOWN_DATASETS if d in registered]
+    raise ValueError(
+        f"unknown dataset {dataset!r}; known datasets: {known}") from e
+  missing = [k for k in _FEATURES if k not in builder.info.features]
+  if missing:
+    raise ValueError(f"dataset {name} lacks the triplet features {missing} "
+                     "(see input_pipeline/datasets/features.py)")
+  if not builder.is_prepared():
+    logging.info("Preparing %s in %s (manual_dir=%s)...", name,
+                 builder.data_dir, manual_dir)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir or None))
+    logging.info("Prepared %s.", name)
+  if split not in builder.info.splits:
+    raise ValueError(f"dataset {name} has no split {split!r}; it has "
+                     f"{sorted(builder.info.splits)}")
+  wanted = {k: True for k in _FEATURES}
+  decoders = tfds.decode.PartialDecoding(
+      wanted, decoders={k: tfds.decode.SkipDecoding() for k in MODALITIES})
+  ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+  columns = {k: [] for k in wanted}
+  for batch in tfds.as_numpy(ds.batch(1024)):
+    for k, values in batch.items():
+      columns[k].append(values)
+  if not columns["pid"]:
+    raise ValueError(f"split {split!r} of {name} is empty")
+  arrays = {k: np.concatenate(v) for k, v in columns.items()}
+  arrays["file"] = np.array([f.decode("utf-8") for f in arrays["file"]])
+  data = SplitData(**arrays)
+  logging.info("Loaded %s[%s]: %d triplets, %d ids.", name, split,
+               data.num_examples, data.num_ids)
+  return data
+
+
+def train_label_map(data: SplitData) -> dict[int, int]:
+  """Maps each pid to its contiguous class index (position in sorted pids)."""
+  return {int(p): i for i, p in enumerate(np.unique(data.pid))}
+
+
+class IdentitySampler:
+  """Identity-balanced P x K batch indices, a pure function of (seed, step).
+
+  An epoch, as in torchreid's RandomIdentitySampler: every id's examples are
+  shuffled and cut into chunks of K (remainder dropped); an id with fewer than
+  K examples gives one chunk drawn with replacement. Batches take P chunks of
+  distinct ids. Unlike torchreid's greedy draw, whose number of batches varies
+  between epochs, every epoch has the same number of batches B: the largest B
+  with sum_i min(chunks_i, B) >= P * B, the most batches of P distinct ids the
+  chunks can fill. Surplus chunks are dropped at random, from ids that keep
+  another chunk first, so every id is seen each epoch whenever B * P >= #ids.
+  """
+
+  def __init__(self, pid: np.ndarray, ids_per_batch: int, instances_per_id: int,
+               seed: int):
+    """Builds the sampler.
+
+    Args:
+      pid: (N,) ids of the split's examples.
+      ids_per_batch: P, distinct ids per batch.
+      instances_per_id: K, examples per id in a batch.
+      seed: non-negative seed of the sample order.
+    """
+    if ids_per_batch < 1 or instances_per_id < 1:
+      raise ValueError(f"ids_per_batch ({ids_per_batch}) and instances_per_id "
+                       f"({instances_per_id}) must be positive")
+    if seed < 0:
+      raise ValueError(f"seed must be non-negative, got {seed}")
+    self.ids_per_batch = ids_per_batch
+    self.instances_per_id = instances_per_id
+    self.seed = seed
+    _, labels = np.unique(np.asarray(pid), return_inverse=True)
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels)
+    self._members = np.split(order, np.cumsum(counts)[:-1])
+    self._chunks = np.maximum(counts // instances_per_id, 1)
+    if len(counts) < ids_per_batch:
+      raise ValueError(f"the split has {len(counts)} ids but a batch needs "
+                       f"ids_per_batch={ids_per_batch} distinct ids")
+    batches = np.arange(1, self._chunks.sum() // ids_per_batch + 1)
+    usable = np.minimum(self._chunks[None, :], batches[:, None]).sum(axis=1)
+    # usable - P * B is concave in B and 0 at B = 0: the feasible Bs are 0..max.
+    self.steps_per_epoch = int(batches[usable >= ids_per_batch * batches].max())
+    self._cached_epoch = -1
+    self._cached_plan = np.zeros((0,), np.int64)
+
+  def epoch(self, epoch: int) -> np.ndarray:
+    """Returns the (steps_per_epoch, P * K) example indices of an epoch.
+
+    Each row holds P groups of K consecutive examples of one id.
+    """
+    p, k, b = self.ids_per_batch, self.instances_per_id, self.steps_per_epoch
+    rng = np.random.default_rng([self.seed, epoch])
+    chunks = []
+    for members in self._members:
+      if len(members) < k:
+        picked = rng.choice(members, size=k, replace=True)
+      else:
+        picked = rng.permutation(members)[:len(members) // k * k]
+      chunks.append(picked.reshape(-1, k)[:b])
+    kept = np.array([len(c) for c in chunks])
+    surplus = kept.sum() - p * b
+    # Drop the surplus among chunks beyond each id's first, then among firsts.
+    extra = [(i, j) for i, n in enumerate(kept) for j in range(1, n)]
+    firsts = [(i, 0) for i in range(len(kept))]
+    drop_extra = rng.permutation(len(extra))[:surplus]
+    drop_first = rng.permutation(len(firsts))[:max(surplus - len(extra), 0)]
+    dropped = {extra[d] for d in drop_extra} | {firsts[d] for d in drop_first}
+    items = []
+    for i in rng.permutation(len(chunks)):
+      items.extend(c for j, c in enumerate(chunks[i]) if (i, j) not in dropped)
+    # Item j goes to batch j % B: an id's <= B consecutive chunks land in
+    # distinct batches, so every batch holds P distinct ids.
+    grid = np.stack(items).reshape(p, b, k).transpose(1, 0, 2)
+    return grid[rng.permutation(b)].reshape(b, p * k).astype(np.int64)
+
+  def batch(self, step: int) -> np.ndarray:
+    """Returns the (P * K,) example indices of the global batch at step."""
+    epoch, within = divmod(step, self.steps_per_epoch)
+    if epoch != self._cached_epoch:
+      self._cached_plan = self.epoch(epoch)
+      self._cached_epoch = epoch
+    return self._cached_plan[within]
+
+
+def steps_per_epoch(data: SplitData, ids_per_batch: int,
+                    instances_per_id: int) -> int:
+  """Number of P x K batches in one training epoch (the same every epoch)."""
+  return IdentitySampler(data.pid, ids_per_batch, instances_per_id,
+                         seed=0).steps_per_epoch
+
+
+def _local_slice(global_size: int, process_index: int,
+                 process_count: int, what: str) -> tuple[int, int]:
+  """The [start, stop) of this process's share of a global batch."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+        f"process_index {process_index} not in [0, {process_count})")
+  if global_size % process_count:
+    raise ValueError(f"{what} ({global_size}) must be divisible by "
+                     f"process_count ({process_count})")
+  local = global_size // process_count
+  return process_index * local, (process_index + 1) * local
+
+
+def _signature(batch: dict[str, np.ndarray]) -> dict[str, tf.TensorSpec]:
+  return {k: tf.TensorSpec(v.shape, tf.as_dtype(v.dtype) if v.dtype != object
+                           else tf.string) for k, v in batch.items()}
+
+
+def _map_batches(generator, first: dict[str, np.ndarray], per_example: ops.Op,
+                 per_batch: ops.Op, batch_size: int, prefetch: int,
+                 num_threads: int) -> tf.data.Dataset:
+  """Per-example then per-batch preprocessing of a stream of row batches."""
+  ds = tf.data.Dataset.from_generator(generator,
+                                      output_signature=_signature(first))
+  parallel = num_threads or tf.data.AUTOTUNE
+  ds = ds.unbatch().map(per_example, num_parallel_calls=parallel)
+  # Normalising whole uint8 batches costs a few ops per batch, not per example.
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.map(per_batch, num_parallel_calls=parallel).prefetch(prefetch)
+  options = tf.data.Options()
+  options.deterministic = True
+  # Parallelism comes from processing examples concurrently, not within one.
+  options.threading.max_intra_op_parallelism = 1
+  if num_threads:
+    options.threading.private_threadpool_size = num_threads
+  return ds.with_options(options)
+
+
+def _check_norm(mean, std) -> None:
+  for name, value in (("mean", mean), ("std", std)):
+    if np.shape(value) != (len(MODALITIES), 3):
+      raise ValueError(f"{name} must be ({len(MODALITIES)}, 3), one RGB row "
+                       f"per modality {MODALITIES}, got {np.shape(value)}")
+
+
+def train_batches(data: SplitData, *, ids_per_batch: int, instances_per_id: int,
+                  input_size: Sequence[int], mean: Sequence[Sequence[float]],
+                  std: Sequence[Sequence[float]], flip_prob: float, pad: int,
+                  random_erasing_prob: float, flare_threshold: float, seed: int,
+                  start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1, prefetch: int = 2,
+                  num_threads: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """The infinite stream of augmented P x K training batches of this process.
+
+  Process i gets ids_per_batch / process_count whole id groups of each global
+  batch; concatenating the processes' batches in process order gives the
+  single-process batch exactly (augmentation included).
+
+  Args:
+    data: the training split.
+    ids_per_batch: P, distinct ids per global batch.
+    instances_per_id: K, examples per id.
+    input_size: (H, W) of the network input.
+    mean: (3, 3) per-modality channel means in [0, 1], [RGB, NI, TI] order.
+    std: (3, 3) per-modality channel standard deviations.
+    flip_prob: horizontal flip probability.
+    pad: zero padding before the random crop back to input_size.
+    random_erasing_prob: probability of erasing a rectangle.
+    flare_threshold: delta = flare_ratio > flare_threshold.
+    seed: non-negative seed of sample order and augmentation.
+    start_step: global step of the first batch (resume).
+    process_index: this process's index.
+    process_count: number of processes.
+    prefetch: batches prepared ahead.
+    num_threads: tf.data threads and parallel map calls; 0 = TF defaults
+      (AUTOTUNE map over tf.data's shared pool).
+
+  Returns:
+    An iterator of dicts with b = P * K / process_count rows:
+      rgb, ni, ti  float32 (b, H, W, 3), normalised.
+      label        int32 (b,), index of the pid in the sorted training pids.
+      pid, camid   int64 (b,).
+      flare        float32 (b, 2), pseudo-labels delta for [RGB, NI].
+  """
+  _check_norm(mean, std)
+  if start_step < 0:
+    raise ValueError(f"start_step must be non-negative, got {start_step}")
+  sampler = IdentitySampler(data.pid, ids_per_batch, instances_per_id, seed)
+  group_start, group_stop = _local_slice(ids_per_batch, process_index,
+                                         process_count, "ids_per_batch")
+  start = group_start * instances_per_id
+  stop = group_stop * instances_per_id
+  global_size = ids_per_batch * instances_per_id
+  labels = np.unique(data.pid, return_inverse=True)[1].astype(np.int32)
+  logging.info("Training input: %d triplets, %d ids, %d steps/epoch, local "
+               "batch %d, from step %d.", data.num_examples, data.num_ids,
+               sampler.steps_per_epoch, stop - start, start_step)
+
+  def rows(step: int) -> dict[str, np.ndarray]:
+    index = sampler.batch(step)[start:stop]
+    position = step * global_size + np.arange(start, stop, dtype=np.int64)
+    return {
+        "rgb": data.rgb[index], "ni": data.ni[index], "ti": data.ti[index],
+        "label": labels[index], "pid": data.pid[index],
+        "camid": data.camid[index], "flare_ratio": data.flare_ratio[index],
+        ops.RNG_KEY: np.stack([np.full_like(position, seed), position], axis=1),
+    }
+
+  def generator():
+    step = start_step
+    while True:
+      yield rows(step)
+      step += 1
+
+  per_example = ops.chain(
+      ops.decode(),
+      ops.resize(input_size),
+      ops.random_flip_lr(flip_prob),
+      ops.random_pad_crop(pad),
+      # The modality's mean colour: ~0 after normalisation.
+      ops.random_erasing(random_erasing_prob,
+                         fill=np.round(255.0 * np.asarray(mean)).tolist()),
+      ops.keep(MODALITIES + ("label", "pid", "camid", "flare_ratio")),
+  )
+  per_batch = ops.chain(
+      ops.normalize(mean, std),
+      ops.flare_label(flare_threshold),
+      ops.keep(MODALITIES + ("label", "pid", "camid", "flare")),
+  )
+  ds = _map_batches(generator, rows(start_step), per_example, per_batch,
+                    stop - start, prefetch, num_threads)
+  return ds.as_numpy_iterator()
+
+
+def eval_batches(data: SplitData, *, batch_size: int, input_size: Sequence[int],
+                 mean: Sequence[Sequence[float]],
+                 std: Sequence[Sequence[float]], flare_threshold: float,
+                 process_index: int = 0, process_count: int = 1,
+                 prefetch: int = 2,
+                 num_threads: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Every example exactly once, in order, without augmentation.
+
+  Process i takes the examples with index % process_count == i, batch_size
+  rows per batch; all processes yield the same number of batches, the last
+  ones padded with valid=False rows (index -1, pid/camid/sceneid -1). Nothing
+  is dropped.
+
+  Args:
+    data: the split (query or gallery).
+    batch_size: rows per batch of this process.
+    input_size: (H, W) of the network input.
+    mean: (3, 3) per-modality channel means in [0, 1], [RGB, NI, TI] order.
+    std: (3, 3) per-modality channel standard deviations.
+    flare_threshold: delta = flare_ratio > flare_threshold.
+    process_index: this process's index.
+    process_count: number of processes.
+    prefetch: batches prepared ahead.
+    num_threads: tf.data threads and parallel map calls; 0 = TF defaults.
+
+  Returns:
+    An iterator of dicts with b = batch_size rows:
+      rgb, ni, ti  float32 (b, H, W, 3), normalised.
+      pid, camid, sceneid  int64 (b,).
+      flare        float32 (b, 2) pseudo-labels; flare_ratio float32 (b, 2).
+      valid        bool (b,), False on padding rows.
+      index        int64 (b,), position in the split, -1 on padding rows.
+  """
+  _check_norm(mean, std)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+        f"process_index {process_index} not in [0, {process_count})")
+  n = data.num_examples
+  per_process = -(-n // process_count)
+  num_batches = -(-per_process // batch_size)
+  if not num_batches:
+    return iter(())
+  index = np.full(num_batches * batch_size, -1, np.int64)
+  mine = np.arange(process_index, n, process_count, dtype=np.int64)
+  index[:mine.size] = mine
+  valid = index >= 0
+  source = np.where(valid, index, 0)  # Padding rows decode example 0.
+
+  def rows(b: int) -> dict[str, np.ndarray]:
+    sl = slice(b * batch_size, (b + 1) * batch_size)
+    idx, ok = source[sl], valid[sl]
+    return {
+        "rgb": data.rgb[idx], "ni": data.ni[idx], "ti": data.ti[idx],
+        "pid": np.where(ok, data.pid[idx], -1),
+        "camid": np.where(ok, data.camid[idx], -1),
+        "sceneid": np.where(ok, data.sceneid[idx], -1),
+        "flare_ratio": np.where(ok[:, None], data.flare_ratio[idx], 0.0
+                               ).astype(np.float32),
+        "valid": ok, "index": index[sl],
+    }
+
+  def generator():
+    for b in range(num_batches):
+      yield rows(b)
+
+  per_example = ops.chain(ops.decode(), ops.resize(input_size))
+  per_batch = ops.chain(ops.normalize(mean, std),
+                        ops.flare_label(flare_threshold))
+  ds = _map_batches(generator, rows(0), per_example, per_batch, batch_size,
+                    prefetch, num_threads)
+  return ds.as_numpy_iterator()
