@@ -25,6 +25,10 @@ import numpy as np
 DEFAULT_QUERY_CHUNK = 256
 
 
+class NoValidQueryError(ValueError):
+  """No query has a true match left in the gallery under the protocol."""
+
+
 def _as_ids(name: str, ids: np.ndarray, expected_len: int,
             expected_from: str) -> np.ndarray:
   """Checks that `ids` is 1-D with `expected_len` entries and returns it."""
@@ -186,7 +190,7 @@ def evaluate_rank(
   num_valid = int(valid.sum())
   if num_valid == 0:
     protocol = "scene" if q_sceneids is not None else "camera"
-    raise ValueError(
+    raise NoValidQueryError(
         f"No query has a true match in the gallery after removing same-id, "
         f"same-{protocol} entries ({num_q} queries, {num_g} gallery); check "
         f"that query and gallery identities overlap")
@@ -243,3 +247,87 @@ def pairwise_distance(query_features: np.ndarray,
           - 2.0 * query @ gallery.T)
     out[start:start + query.shape[0]] = np.sqrt(np.maximum(sq, 0.0))
   return out
+
+
+# --- Reports over extracted embeddings ------------------------------------------
+
+# Rank-k values reported besides mAP and mINP.
+REPORTED_RANKS = (1, 5, 10)
+
+
+def _subset_metrics(distmat: np.ndarray, query: dict, gallery: dict,
+                    keep: np.ndarray, max_rank: int, use_scenes: bool) -> dict:
+  """mAP/CMC/mINP over the queries selected by `keep` (a boolean mask)."""
+  if not np.any(keep):
+    return {"num_query": 0}
+  scenes = {}
+  if use_scenes:
+    scenes = {"q_sceneids": query["sceneid"][keep],
+              "g_sceneids": gallery["sceneid"]}
+  try:
+    cmc, mean_ap, minp = evaluate_rank(
+        distmat[keep], query["pid"][keep], gallery["pid"],
+        query["camid"][keep], gallery["camid"], max_rank=max_rank,
+        return_minp=True, **scenes)
+  except NoValidQueryError as e:
+    return {"num_query": int(np.sum(keep)), "note": str(e)}
+  out = {"num_query": int(np.sum(keep)), "mAP": mean_ap, "mINP": minp}
+  for k in REPORTED_RANKS:
+    out[f"rank{k}"] = float(cmc[min(k, len(cmc)) - 1])
+  return out
+
+
+def rank_report(query: dict, gallery: dict, max_rank: int = 50,
+                use_scenes: bool = False, rerank: bool = False) -> dict:
+  """Ranks the gallery for every query: overall, flare and clean queries.
+
+  Args:
+    query: "embedding" (Q, D) L2-normalised, "pid", "camid", "sceneid" (Q,),
+      "flare" (Q, 2) pseudo-labels of the query's RGB and NI images.
+    gallery: the same keys for the gallery.
+    max_rank: length of the CMC curve.
+    use_scenes: MSVR310 protocol (same id and same scene excluded).
+    rerank: apply k-reciprocal re-ranking to the distances first.
+
+  Returns:
+    A JSON-ready dict: mAP, mINP, rank1/5/10, num_query, num_gallery, and
+    "flare" / "clean" dicts with the same metrics over the queries whose
+    RGB or NI pseudo-label is 1 / whose both are 0.
+  """
+  distmat = pairwise_distance(query["embedding"], gallery["embedding"])
+  if rerank:
+    from facenet_jax import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
+    distmat = rerank_lib.k_reciprocal_rerank(
+        distmat,
+        pairwise_distance(query["embedding"], query["embedding"]),
+        pairwise_distance(gallery["embedding"], gallery["embedding"]))
+  everyone = np.ones(len(query["pid"]), bool)
+  flared = np.any(np.asarray(query["flare"]) > 0.5, axis=-1)
+  results = _subset_metrics(distmat, query, gallery, everyone, max_rank,
+                            use_scenes)
+  if "mAP" not in results:
+    raise NoValidQueryError(results.get("note", "No query has a true match."))
+  results["num_gallery"] = int(len(gallery["pid"]))
+  results["reranked"] = bool(rerank)
+  results["flare"] = _subset_metrics(distmat, query, gallery, flared, max_rank,
+                                     use_scenes)
+  results["clean"] = _subset_metrics(distmat, query, gallery, ~flared,
+                                     max_rank, use_scenes)
+  return results
+
+
+def format_results(results: dict) -> str:
+  """A small fixed-width table of a rank_report (percentages)."""
+  rows = [("all", results), ("flare", results.get("flare", {})),
+          ("clean", results.get("clean", {}))]
+  lines = [f"{'queries':>8} {'n':>6} {'mAP':>6} {'R-1':>6} {'R-5':>6} "
+           f"{'R-10':>6} {'mINP':>6}"]
+  for name, r in rows:
+    if "mAP" not in r:
+      lines.append(f"{name:>8} {r.get('num_query', 0):>6}   (no valid query)")
+      continue
+    lines.append(
+        f"{name:>8} {r['num_query']:>6} {100 * r['mAP']:6.1f} "
+        f"{100 * r['rank1']:6.1f} {100 * r['rank5']:6.1f} "
+        f"{100 * r['rank10']:6.1f} {100 * r['mINP']:6.1f}")
+  return "\n".join(lines)

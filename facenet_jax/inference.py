@@ -1,0 +1,121 @@
+"""Embedding API for deployment: raw uint8 triplets in, unit vectors out.
+
+  embedder = Embedder.from_workdir("/runs/wmveid863")
+  emb = embedder(rgb, ni, ti)    # (B, 3 * D) float32, rows of norm 1
+
+The embedder computes the flare pseudo-labels from the raw images itself,
+applies the run's resize and normalisation (the same tf ops as the evaluation
+pipeline), and runs the model in eval mode. Segments are [RGB | NI | TI].
+"""
+
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from facenet_jax import checkpointing
+from facenet_jax import train
+from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
+from facenet_jax.models import FACENet
+
+
+class Embedder:
+  """Maps raw image triplets to L2-normalised retrieval embeddings."""
+
+  def __init__(self, model: FACENet, variables: Any,
+               config: ml_collections.ConfigDict, batch_size: int = 64):
+    """Use `from_workdir` unless you hold a model and variables already.
+
+    Args:
+      model: the FACENet module.
+      variables: {"params", "batch_stats"}.
+      config: the run's config (input size, normalisation, flare bar).
+      batch_size: images embedded per device call.
+    """
+    self.model = model
+    self.variables = variables
+    self.config = config
+    self.batch_size = batch_size
+    self._embed = jax.jit(lambda v, b: train.embed_step(
+        v, b, model=model, flip_average=config.eval.flip_average))
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: Optional[int] = None,
+                   batch_size: int = 64) -> "Embedder":
+    """Loads the run's config and its latest (or `step`) checkpoint."""
+    config = checkpointing.load_config(workdir)
+    model, state, _ = train.restore_for_eval(config, workdir, step)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return cls(model, variables, config, batch_size)
+
+  @property
+  def dim(self) -> int:
+    """Embedding size D_total = 3 x per-stream feature dimension."""
+    return int(self.model.apply(
+        self.variables, *self._dummy(), train=False).embedding.shape[-1])
+
+  def _dummy(self):
+    h, w = self.config.input_size
+    images = {m: np.zeros((1, h, w, 3), np.float32) for m in MODALITIES}
+    return images, np.zeros((1, 2), np.float32)
+
+  def __call__(self, rgb: np.ndarray, ni: np.ndarray,
+               ti: np.ndarray) -> np.ndarray:
+    """Embeds one triplet (H, W, 3) or a batch (B, H, W, 3) of raw uint8 images.
+
+    Images of one call must share a size; any size is resized to the run's
+    input size. Single-channel NI/TI (H, W) or (H, W, 1) are repeated to 3.
+
+    Returns:
+      (B, D_total) float32 embeddings with unit L2 norm.
+    """
+    raw = {m: _as_batch(m, x) for m, x in zip(MODALITIES, (rgb, ni, ti))}
+    sizes = {m: x.shape[0] for m, x in raw.items()}
+    if len(set(sizes.values())) != 1:
+      raise ValueError(f"rgb, ni and ti hold different numbers of images: "
+                       f"{sizes}")
+    flare = flare_labels(raw, self.config.flare.pixel_low,
+                         self.config.flare.ratio_threshold)
+    images = preprocess(raw, self.config)
+    out = []
+    for start in range(0, len(flare), self.batch_size):
+      batch = {m: images[m][start:start + self.batch_size] for m in MODALITIES}
+      batch["flare"] = flare[start:start + self.batch_size]
+      out.append(np.asarray(self._embed(self.variables, batch)))
+    return np.concatenate(out).astype(np.float32)
+
+
+def _as_batch(name: str, images: np.ndarray) -> np.ndarray:
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    raise ValueError(f"{name}: expected raw uint8 images, got {images.dtype}")
+  if images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (1, 3)):
+    # One image: (H, W), (H, W, 1) or (H, W, 3).
+    images = images[None] if images.ndim == 3 else images[None, ..., None]
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f"{name}: expected (H, W, 3) or (B, H, W, 3) uint8 "
+                     f"images, got shape {images.shape}")
+  if images.shape[-1] == 1:
+    images = np.repeat(images, 3, axis=-1)
+  return images
+
+
+def flare_labels(raw: dict, pixel_low: int, threshold: float) -> np.ndarray:
+  """(B, 2) pseudo-labels delta for [RGB, NI] from raw uint8 batches."""
+  from input_pipeline.datasets import features  # pylint: disable=g-import-not-at-top
+  ratios = np.array([[features.flare_ratio(image, pixel_low)
+                      for image in raw[m]] for m in FLARE_MODALITIES]).T
+  return (ratios > threshold).astype(np.float32)
+
+
+def preprocess(raw: dict, config: ml_collections.ConfigDict) -> dict:
+  """Resize + per-modality normalisation with the evaluation pipeline's ops."""
+  from input_pipeline import ops  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  op = ops.chain(ops.resize(config.input_size),
+                 ops.normalize(config.normalization.mean,
+                               config.normalization.std))
+  dataset = tf.data.Dataset.from_tensor_slices(raw).map(op).batch(256)
+  parts = [batch for batch in dataset.as_numpy_iterator()]
+  return {m: np.concatenate([p[m] for p in parts]) for m in MODALITIES}

@@ -1,0 +1,492 @@
+"""Training and evaluation loop: the only module that reads the ConfigDict.
+
+Data parallel over every device of every process: the state is replicated and
+the batch sharded along a 1-D mesh axis "data" (`jax.make_mesh` +
+`NamedSharding`), so BatchNorm statistics are computed over the global batch
+without any `axis_name`. Multi-host: each process feeds whole P x K identity
+groups through `jax.make_array_from_process_local_data`.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+from absl import logging
+from clu import metric_writers
+from clu import parameter_overview
+from clu import periodic_actions
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from facenet_jax import checkpointing
+from facenet_jax import evaluation
+from facenet_jax import losses
+from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
+from facenet_jax.models import FACENet
+import input_pipeline
+from input_pipeline import pipeline
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+          "float16": jnp.float16}
+MSVR_SCENE_DATASETS = ("msvr310",)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint holds. A plain pytree (no functions)."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+# --- Building blocks from the config -------------------------------------------
+
+
+def parse_depth(backbone: str) -> int:
+  """"resnet50" -> 50, with a clear error for anything else."""
+  if not backbone.startswith("resnet") or not backbone[6:].isdigit():
+    raise ValueError(f"model.backbone: expected 'resnet18', 'resnet34', "
+                     f"'resnet50' or 'resnet101', got {backbone!r}")
+  return int(backbone[6:])
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FACENet:
+  """FACENet with typed arguments taken from config.model."""
+  m = config.model
+  if m.dtype not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, "
+                     f"got {m.dtype!r}")
+  return FACENet(
+      num_classes=num_classes, depth=parse_depth(m.backbone),
+      width_multiplier=m.width_multiplier, last_stride=m.last_stride,
+      use_mfmp=m.use_mfmp, use_fmi=m.use_fmi, use_fce=m.use_fce,
+      plug_stage=m.plug_stage, fmi_width=m.fmi_width,
+      fmi_reduction=m.fmi_attention_reduction,
+      mask_temperature=m.mask_temperature, embedding_source=m.embedding,
+      dtype=DTYPES[m.dtype])
+
+
+def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
+  fields = {f.name for f in dataclasses.fields(losses.LossConfig)}
+  unknown = set(config.loss.keys()) - fields
+  if unknown:
+    raise ValueError(f"Unknown config.loss fields: {sorted(unknown)}; "
+                     f"known: {sorted(fields)}")
+  return losses.LossConfig(**config.loss.to_dict())
+
+
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """num_train_steps when > 0, else num_epochs * steps_per_epoch."""
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return int(config.num_epochs * steps_per_epoch)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """The paper's piecewise schedule, or warmup + cosine.
+
+  Decay points are given in epochs of a `num_epochs` run (paper: 40 and 70 of
+  120). When `num_train_steps` shortens the run, they are scaled to the same
+  fractions of it, so a short run still sees the whole schedule.
+  """
+  opt = config.optimizer
+  steps = total_steps(config, steps_per_epoch)
+  scale = steps / max(1, config.num_epochs * steps_per_epoch)
+  warmup = int(round(opt.warmup_epochs * steps_per_epoch * scale))
+  if opt.schedule == "piecewise":
+    boundaries = {int(round(e * steps_per_epoch * scale)): opt.decay_factor
+                  for e in opt.decay_epochs}
+    main = optax.piecewise_constant_schedule(opt.learning_rate, boundaries)
+    if not warmup:
+      return main
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, opt.learning_rate, warmup),
+         lambda s: main(s + warmup)], [warmup])
+  if opt.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, opt.learning_rate, max(1, warmup), max(steps, warmup + 1))
+  raise ValueError(f"optimizer.schedule must be 'piecewise' or 'cosine', "
+                   f"got {opt.schedule!r}")
+
+
+def build_optimizer(config: ml_collections.ConfigDict,
+                    schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Adam with L2 weight decay on kernels (PyTorch Adam's weight_decay)."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(
+      optax.add_decayed_weights(config.optimizer.weight_decay, decay_mask),
+      optax.scale_by_adam(),
+      optax.scale_by_learning_rate(schedule))
+
+
+def model_inputs(batch: Mapping[str, jax.Array]) -> dict:
+  return {m: batch[m] for m in MODALITIES}
+
+
+# --- Step functions ------------------------------------------------------------
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
+               model: FACENet, optimizer: optax.GradientTransformation,
+               loss_cfg: losses.LossConfig, schedule: optax.Schedule):
+  """One optimisation step: (state, batch) -> (state, metrics).
+
+  Metrics stay on device; the host fetches them every log_every_steps.
+  """
+  def loss_fn(params):
+    out, updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats},
+        model_inputs(batch), batch["flare"], train=True,
+        mutable=["batch_stats"])
+    loss, terms = losses.total_loss(out.logits, out.features, out.flare_logits,
+                                    batch["label"], batch["flare"], loss_cfg)
+    return loss, (terms, out, updates["batch_stats"])
+
+  grads, (terms, out, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {f"train/loss_{k}" if k != "total" else "train/loss": v
+             for k, v in terms.items()}
+  metrics["train/learning_rate"] = schedule(state.step)
+  metrics["train/grad_norm"] = optax.global_norm(grads)
+  for m in FLARE_MODALITIES:
+    if m in out.masks:
+      metrics[f"train/mask_coverage_{m}"] = jnp.mean(out.masks[m])
+      metrics[f"train/threshold_{m}"] = out.thresholds[m]
+  new_state = TrainState(step=state.step + 1, params=params,
+                         batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, metrics
+
+
+def embed_step(variables: Any, batch: Mapping[str, jax.Array], *,
+               model: FACENet, flip_average: bool) -> jax.Array:
+  """Eval-mode embeddings (B, 3D), L2-normalised; optional flip averaging."""
+  def run(images):
+    return model.apply(variables, images, batch["flare"], train=False).embedding
+  emb = run(model_inputs(batch))
+  if flip_average:
+    emb = emb + run({m: batch[m][:, :, ::-1] for m in MODALITIES})
+  return emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+
+
+def compile_train_step(model: FACENet, optimizer: optax.GradientTransformation,
+                       loss_cfg: losses.LossConfig, schedule: optax.Schedule,
+                       sharding: "Sharding") -> Callable:
+  """train_step jitted for the mesh: state replicated and donated, batch sharded."""
+  return jax.jit(
+      functools.partial(train_step, model=model, optimizer=optimizer,
+                        loss_cfg=loss_cfg, schedule=schedule),
+      in_shardings=(sharding.replicated, sharding.data),
+      out_shardings=(sharding.replicated, sharding.replicated),
+      donate_argnums=0)
+
+
+# --- Sharding ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+  """A 1-D data-parallel mesh over all devices of all processes."""
+  mesh: jax.sharding.Mesh
+
+  @classmethod
+  def create(cls, devices: Optional[list] = None) -> "Sharding":
+    """A mesh over `devices` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    # Auto axes: the compiler propagates the batch sharding through the model
+    # (Explicit axes would demand sharding annotations on every batch-mixing op,
+    # e.g. the triplet loss distance matrix).
+    return cls(jax.make_mesh((len(devices),), ("data",),
+                             axis_types=(jax.sharding.AxisType.Auto,),
+                             devices=devices))
+
+  @property
+  def replicated(self) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+  @property
+  def data(self) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(self.mesh,
+                                      jax.sharding.PartitionSpec("data"))
+
+  def global_batch(self, local: Mapping[str, np.ndarray]) -> dict:
+    """Assembles each process's share into global arrays sharded on 'data'."""
+    return {k: jax.make_array_from_process_local_data(self.data, v)
+            for k, v in local.items() if v.dtype.kind in "fiub"}
+
+
+# --- State ---------------------------------------------------------------------
+
+
+def create_state(model: FACENet, optimizer: optax.GradientTransformation,
+                 input_size, rng: jax.Array) -> TrainState:
+  """Random initial state (a pure function: usable under jax.eval_shape)."""
+  h, w = input_size
+  images = {m: jnp.zeros((2, h, w, 3), jnp.float32) for m in MODALITIES}
+  variables = model.init(rng, images, jnp.zeros((2, 2), jnp.float32),
+                         train=False)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables["batch_stats"],
+                    opt_state=optimizer.init(params))
+
+
+def load_pretrained(state: TrainState, path: str, depth: int,
+                    optimizer: optax.GradientTransformation) -> TrainState:
+  """Initialises every stream's backbone from an ImageNet ResNet file."""
+  from facenet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  resnet_vars = pretrained.load_resnet_variables(path, depth)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  for m in MODALITIES:
+    variables = pretrained.merge_into(variables, resnet_vars,
+                                      (f"{m}_backbone",))
+  logging.info("Initialised the %s backbones from %s", MODALITIES, path)
+  return TrainState(step=state.step, params=variables["params"],
+                    batch_stats=variables["batch_stats"],
+                    opt_state=optimizer.init(variables["params"]))
+
+
+# --- Data ----------------------------------------------------------------------
+
+
+def _split(config: ml_collections.ConfigDict, split: str) -> pipeline.SplitData:
+  return pipeline.load_split(
+      config.dataset, split, builder_config=config.dataset_config,
+      data_dir=config.data_dir or None, manual_dir=config.manual_dir or None)
+
+
+def _normalization(config):
+  return (np.asarray(config.normalization.mean, np.float32),
+          np.asarray(config.normalization.std, np.float32))
+
+
+def _check_batch(config: ml_collections.ConfigDict, sharding: Sharding) -> None:
+  batch = config.ids_per_batch * config.instances_per_id
+  if config.ids_per_batch % jax.process_count():
+    raise ValueError(f"ids_per_batch={config.ids_per_batch} must be divisible "
+                     f"by the number of processes ({jax.process_count()})")
+  if batch % sharding.mesh.size:
+    raise ValueError(
+        f"The global batch ids_per_batch x instances_per_id = {batch} must be "
+        f"divisible by the number of devices ({sharding.mesh.size}).")
+
+
+# --- The loop ------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict:
+  """Trains (resuming from the workdir), then evaluates the final state.
+
+  Args:
+    config: the run configuration.
+    workdir: where checkpoints, config.json, TensorBoard logs and
+      eval_results.json go.
+
+  Returns:
+    The evaluation results (also written to WORKDIR/eval_results.json).
+  """
+  sharding = Sharding.create()
+  _check_batch(config, sharding)
+  checkpointing.check_config(workdir, config)
+  train_data = _split(config, "train")
+  labels = pipeline.train_label_map(train_data)
+  num_classes = len(labels)
+  spe = pipeline.steps_per_epoch(train_data, config.ids_per_batch,
+                                 config.instances_per_id)
+  num_steps = total_steps(config, spe)
+  logging.info("Train split: %d triplets, %d ids; %d steps/epoch; %d steps",
+               train_data.num_examples, num_classes, spe, num_steps)
+
+  checkpointing.write_run_info(workdir, num_classes=num_classes,
+                               steps_per_epoch=spe)
+  model = build_model(config, num_classes)
+  schedule = learning_rate_schedule(config, spe)
+  optimizer = build_optimizer(config, schedule)
+  rng = jax.random.key(config.seed)
+  init_fn = functools.partial(create_state, model, optimizer,
+                              tuple(config.input_size))
+  abstract = jax.eval_shape(init_fn, rng)
+  state_sharding = jax.tree.map(lambda _: sharding.replicated, abstract)
+
+  ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(_with_sharding(abstract, state_sharding))
+    logging.info("Resumed from step %d", int(state.step))
+  else:
+    state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+    if config.model.pretrained:
+      state = jax.device_put(
+          load_pretrained(state, config.model.pretrained,
+                          parse_depth(config.model.backbone), optimizer),
+          state_sharding)
+  start_step = int(state.step)
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    parameter_overview.log_parameter_overview(state.params)
+    writer.write_hparams({k: v for k, v in checkpointing.flatten_config(
+        checkpointing.config_to_dict(config)).items()
+                          if isinstance(v, (int, float, str, bool))})
+
+  step_fn = compile_train_step(model, optimizer, loss_config(config), schedule,
+                               sharding)
+  mean, std = _normalization(config)
+  batches = pipeline.train_batches(
+      train_data, ids_per_batch=config.ids_per_batch,
+      instances_per_id=config.instances_per_id,
+      input_size=tuple(config.input_size), mean=mean, std=std,
+      flip_prob=config.augment.flip_prob, pad=config.augment.pad,
+      random_erasing_prob=config.augment.random_erasing_prob,
+      flare_threshold=config.flare.ratio_threshold, seed=config.seed,
+      start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps,
+                                           writer=writer)
+  pending = []
+  last_saved = start_step
+  for step in range(start_step + 1, num_steps + 1):
+    local = next(batches)
+    state, metrics = step_fn(state, sharding.global_batch(local))
+    pending.append(metrics)
+    report(step)
+    is_last = step == num_steps
+    if step % config.log_every_steps == 0 or is_last:
+      _write_metrics(writer, step, pending)
+      pending = []
+    if step % config.checkpoint_every_steps == 0 or is_last:
+      _check_finite(state, step, last_saved, ckpt.directory)
+      ckpt.save(step, state)
+      last_saved = step
+  ckpt.wait()
+  writer.flush()
+  results = evaluate(config, workdir, model, state, sharding)
+  ckpt.close()
+  return results
+
+
+def _with_sharding(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, shardings)
+
+
+def _write_metrics(writer, step: int, pending: list) -> None:
+  """One host sync: averages the device metrics gathered since the last log."""
+  fetched = jax.device_get(pending)
+  summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+  if not math.isfinite(summary["train/loss"]):
+    raise NonFiniteLossError(
+        f"Training loss became non-finite by step {step} "
+        f"({summary['train/loss']}); terms: {summary}. The last good "
+        "checkpoint is kept; lower the learning rate or use float32.")
+  writer.write_scalars(step, summary)
+
+
+def _check_finite(state: TrainState, step: int, last_saved: int,
+                  directory: str) -> None:
+  """Refuses to save a state whose parameters are no longer finite."""
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                              for x in jax.tree.leaves(state.params)]))
+  if not bool(finite):
+    raise NonFiniteLossError(
+        f"Parameters are non-finite at step {step}; not saving. The last good "
+        f"checkpoint (step {last_saved}) is kept in {directory}.")
+
+
+# --- Evaluation ----------------------------------------------------------------
+
+
+def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
+            split: str, sharding: Sharding) -> dict:
+  """Embeddings and metadata of one split, every example exactly once."""
+  data = _split(config, split)
+  mean, std = _normalization(config)
+  fn = jax.jit(functools.partial(embed_step, model=model,
+                                 flip_average=config.eval.flip_average),
+               in_shardings=(sharding.replicated, sharding.data),
+               out_shardings=sharding.replicated)
+  # Round the batch up to a multiple of the devices; padding is masked out.
+  batch_size = -(-config.eval_batch_size // sharding.mesh.size) * (
+      sharding.mesh.size)
+  out = {k: [] for k in ("embedding", "pid", "camid", "sceneid", "flare",
+                         "valid", "index")}
+  for local in pipeline.eval_batches(
+      data, batch_size=batch_size // jax.process_count(),
+      input_size=tuple(config.input_size), mean=mean, std=std,
+      flare_threshold=config.flare.ratio_threshold,
+      process_index=jax.process_index(), process_count=jax.process_count()):
+    batch = sharding.global_batch(local)
+    out["embedding"].append(np.asarray(jax.device_get(fn(variables, batch))))
+    for key in out:
+      if key != "embedding":
+        out[key].append(np.asarray(jax.device_get(batch[key])))
+  result = {k: np.concatenate(v) for k, v in out.items()}
+  keep = result["valid"].astype(bool)
+  result = {k: v[keep] for k, v in result.items()}
+  order = np.argsort(result["index"])
+  return {k: v[order] for k, v in result.items()}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, model: FACENet,
+             state: TrainState, sharding: Sharding) -> dict:
+  """Ranks the gallery for every query and writes WORKDIR/eval_results.json."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  start = time.time()
+  query = extract(config, model, variables, "query", sharding)
+  gallery = extract(config, model, variables, "gallery", sharding)
+  scenes = config.dataset in MSVR_SCENE_DATASETS
+  results = evaluation.rank_report(
+      query, gallery, max_rank=config.eval.max_rank, use_scenes=scenes,
+      rerank=config.eval.rerank)
+  results["step"] = int(state.step)
+  results["dataset"] = config.dataset
+  logging.info("Evaluated step %d in %.1fs: %s", results["step"],
+               time.time() - start, json.dumps(results))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+    print(evaluation.format_results(results))
+  return results
+
+
+def restore_for_eval(config: ml_collections.ConfigDict, workdir: str,
+                     step: Optional[int] = None):
+  """Model and state of a finished (or interrupted) run, for eval/inference."""
+  info = checkpointing.read_run_info(workdir)
+  model = build_model(config, info["num_classes"])
+  spe = info["steps_per_epoch"]
+  optimizer = build_optimizer(config, learning_rate_schedule(config, spe))
+  sharding = Sharding.create()
+  abstract = jax.eval_shape(
+      functools.partial(create_state, model, optimizer,
+                        tuple(config.input_size)), jax.random.key(0))
+  state_sharding = jax.tree.map(lambda _: sharding.replicated, abstract)
+  ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
+  state = ckpt.restore(_with_sharding(abstract, state_sharding), step)
+  ckpt.close()
+  return model, state, sharding
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: Optional[int] = None) -> dict:
+  """--mode eval: restores the latest (or given) checkpoint and evaluates it."""
+  model, state, sharding = restore_for_eval(config, workdir, step)
+  return evaluate(config, workdir, model, state, sharding)

@@ -1,0 +1,139 @@
+"""Trainer pieces: data-parallel equivalence, schedules, config mapping."""
+
+import functools
+
+from absl.testing import absltest
+import jax
+import numpy as np
+import optax
+
+from configs import tiny
+from facenet_jax import train
+from facenet_jax.constants import MODALITIES
+
+
+def _batch(rng: np.random.Generator, config) -> dict:
+  """A P x K batch of random images with labels and flare pseudo-labels."""
+  p, k = config.ids_per_batch, config.instances_per_id
+  h, w = config.input_size
+  batch = {m: rng.normal(size=(p * k, h, w, 3)).astype(np.float32)
+           for m in MODALITIES}
+  batch["label"] = np.repeat(np.arange(p), k).astype(np.int32)
+  batch["flare"] = rng.integers(0, 2, size=(p * k, 2)).astype(np.float32)
+  return batch
+
+
+class DataParallelTest(absltest.TestCase):
+
+  def test_eight_devices_match_one(self):
+    self.assertGreaterEqual(jax.device_count(), 8)
+    config = tiny.get_config()
+    config.ids_per_batch, config.instances_per_id = 4, 2
+    model = train.build_model(config, num_classes=4)
+    schedule = train.learning_rate_schedule(config, steps_per_epoch=10)
+    # Plain SGD with a small step: Adam divides by sqrt(v), which turns float32
+    # rounding noise in near-zero gradients into +-lr parameter differences,
+    # and a large SGD step makes step 2 chaotic (ReLU/max-pool/hardest-triplet
+    # choices flip). Either would hide the gradient comparison tested here.
+    optimizer = optax.sgd(1e-3)
+    init = functools.partial(train.create_state, model, optimizer,
+                             tuple(config.input_size))
+    rng = np.random.default_rng(0)
+    batches = [_batch(rng, config) for _ in range(2)]
+
+    results = {}
+    for n in (1, 8):
+      sharding = train.Sharding.create(jax.devices()[:n])
+      state = jax.jit(init, out_shardings=sharding.replicated)(
+          jax.random.key(0))
+      step = train.compile_train_step(model, optimizer,
+                                      train.loss_config(config), schedule,
+                                      sharding)
+      losses = []
+      for local in batches:
+        state, metrics = step(state, sharding.global_batch(local))
+        losses.append(float(metrics["train/loss"]))
+      self.assertEqual(len(state.params["rgb_backbone"]["conv1"]["kernel"]
+                           .sharding.device_set), n)
+      results[n] = (losses, jax.device_get(state.params),
+                    jax.device_get(state.batch_stats))
+
+    # Summation order differs across devices: float32 rounding only.
+    np.testing.assert_allclose(results[1][0], results[8][0], rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                         atol=2e-6),
+                 results[1][1], results[8][1])
+    # BatchNorm statistics are global-batch statistics on 8 devices too.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                         atol=1e-5),
+                 results[1][2], results[8][2])
+    self.assertTrue(np.all(np.isfinite(results[8][0])))
+
+
+class ScheduleTest(absltest.TestCase):
+
+  def test_piecewise_paper_epochs(self):
+    config = tiny.get_config()
+    config.num_train_steps = -1
+    config.num_epochs = 120
+    schedule = train.learning_rate_schedule(config, steps_per_epoch=10)
+    lr = config.optimizer.learning_rate
+    self.assertAlmostEqual(float(schedule(399)), lr)
+    self.assertAlmostEqual(float(schedule(401)), lr * 0.1, places=9)
+    self.assertAlmostEqual(float(schedule(701)), lr * 0.01, places=10)
+
+  def test_short_run_scales_decay_points(self):
+    config = tiny.get_config()
+    config.num_train_steps = 120
+    config.num_epochs = 120
+    schedule = train.learning_rate_schedule(config, steps_per_epoch=50)
+    lr = config.optimizer.learning_rate
+    self.assertAlmostEqual(float(schedule(39)), lr)
+    self.assertAlmostEqual(float(schedule(41)), lr * 0.1, places=9)
+
+  def test_cosine_warmup(self):
+    config = tiny.get_config()
+    config.optimizer.schedule = "cosine"
+    config.optimizer.warmup_epochs = 1
+    config.num_train_steps = 100
+    config.num_epochs = 10
+    schedule = train.learning_rate_schedule(config, steps_per_epoch=10)
+    self.assertLess(float(schedule(0)), 1e-9)
+    self.assertGreater(float(schedule(10)), float(schedule(90)))
+
+  def test_bad_schedule_name(self):
+    config = tiny.get_config()
+    config.optimizer.schedule = "linear"
+    with self.assertRaisesRegex(ValueError, "optimizer.schedule"):
+      train.learning_rate_schedule(config, steps_per_epoch=10)
+
+
+class ConfigMappingTest(absltest.TestCase):
+
+  def test_backbone_names(self):
+    self.assertEqual(train.parse_depth("resnet101"), 101)
+    with self.assertRaisesRegex(ValueError, "model.backbone"):
+      train.parse_depth("vit_base")
+
+  def test_unknown_loss_field(self):
+    config = tiny.get_config()
+    config.loss.tripplet_weight = 1.0
+    with self.assertRaisesRegex(ValueError, "tripplet_weight"):
+      train.loss_config(config)
+
+  def test_weight_decay_only_on_kernels(self):
+    config = tiny.get_config()
+    optimizer = train.build_optimizer(
+        config, train.learning_rate_schedule(config, 10))
+    params = {"kernel": np.ones((2, 2), np.float32),
+              "scale": np.ones((2,), np.float32),
+              "threshold": np.ones((), np.float32)}
+    zeros = jax.tree.map(np.zeros_like, params)
+    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    self.assertTrue(np.all(np.asarray(updates["kernel"]) < 0))
+    np.testing.assert_array_equal(updates["scale"], 0.0)
+    np.testing.assert_array_equal(updates["threshold"], 0.0)
+
+
+if __name__ == "__main__":
+  absltest.main()
