@@ -34,19 +34,31 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "eval: evaluate a checkpoint of the workdir.")
 _STEP = flags.DEFINE_integer("step", None,
                              "--mode eval: checkpoint step (default latest).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process: host:port of process 0 (or set JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Multi-process: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "Multi-process: index of this process.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Set by a cluster launcher or by hand for multi-process runs.
-_DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
-                    "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+# Launchers whose environment jax.distributed.initialize() reads by itself.
+_CLUSTER_SIZE_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def _multi_process() -> bool:
+  if _COORDINATOR.value or "JAX_COORDINATOR_ADDRESS" in os.environ:
+    return True
+  return any(int(os.environ.get(k, "1")) > 1 for k in _CLUSTER_SIZE_ENV)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if any(int(os.environ.get(k, "1")) > 1 if k != "JAX_COORDINATOR_ADDRESS"
-         else k in os.environ for k in _DISTRIBUTED_ENV):
-    jax.distributed.initialize()
+  if _multi_process():
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
   logging.info("JAX process %d of %d; %d local of %d devices (%s)",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),

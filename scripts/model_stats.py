@@ -1,0 +1,76 @@
+"""Parameters and FLOPs of the model variants, per triplet, as a table.
+
+  python scripts/model_stats.py                      # paper size: ResNet50, 256x128
+  python scripts/model_stats.py --backbone=resnet18 --height=128 --width=64
+
+Parameters come from jax.eval_shape (nothing is allocated); FLOPs from XLA's
+cost analysis of the lowered eval-mode forward pass for one triplet (a
+multiply-add counts as 2 FLOPs).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from facenet_jax import train  # noqa: E402
+from facenet_jax.constants import MODALITIES  # noqa: E402
+from facenet_jax.models import FACENet  # noqa: E402
+
+_BACKBONE = flags.DEFINE_string("backbone", "resnet50", "resnet18|34|50|101")
+_HEIGHT = flags.DEFINE_integer("height", 256, "Input height.")
+_WIDTH = flags.DEFINE_integer("width", 128, "Input width.")
+_CLASSES = flags.DEFINE_integer("num_classes", 603,
+                                "Classifier size (WMVeID863 train ids: 603).")
+_REDUCED = flags.DEFINE_integer("reduced_fmi_width", 512,
+                                "Inner FMI width of the reduced variant.")
+
+VARIANTS = (
+    ("baseline (3 streams, CE + triplet)", dict(use_mfmp=False,
+                                                use_fce=False)),
+    ("+ MFMP w/o FMI + FCE", dict(use_fmi=False)),
+    ("FACENet, full-width FMI", dict()),
+    ("FACENet, reduced FMI", dict(fmi_width=-1)),
+)
+
+
+def _stats(model: FACENet, height: int, width: int):
+  images = {m: jnp.zeros((1, height, width, 3)) for m in MODALITIES}
+  flare = jnp.ones((1, 2))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images,
+                                                flare, train=False))
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+      variables["params"]))
+  lowered = jax.jit(lambda v, i, f: model.apply(v, i, f).embedding).lower(
+      variables, images, flare)
+  cost = lowered.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return params, float(cost.get("flops", float("nan")))
+
+
+def main(argv):
+  del argv
+  depth = train.parse_depth(_BACKBONE.value)
+  print(f"{_BACKBONE.value}, input {_HEIGHT.value}x{_WIDTH.value}, "
+        f"{_CLASSES.value} classes, last stride 1, plug-in after stage 4")
+  print(f"| variant | parameters (M) | GFLOPs per triplet |")
+  print(f"|---|---:|---:|")
+  for name, overrides in VARIANTS:
+    if overrides.get("fmi_width") == -1:
+      overrides = {**overrides, "fmi_width": _REDUCED.value}
+      name = f"{name} (width {_REDUCED.value})"
+    model = FACENet(num_classes=_CLASSES.value, depth=depth, **overrides)
+    params, flops = _stats(model, _HEIGHT.value, _WIDTH.value)
+    print(f"| {name} | {params / 1e6:.2f} | {flops / 1e9:.2f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
