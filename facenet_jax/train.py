@@ -163,7 +163,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   metrics = {f"train/loss_{k}" if k != "total" else "train/loss": v
              for k, v in terms.items()}
   metrics["train/learning_rate"] = schedule(state.step)
-  metrics["train/grad_norm"] = optax.global_norm(grads)
+  metrics["train/grad_norm"] = optax.tree.norm(grads)
   for m in FLARE_MODALITIES:
     if m in out.masks:
       metrics[f"train/mask_coverage_{m}"] = jnp.mean(out.masks[m])

@@ -13,3 +13,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
       " --xla_force_host_platform_device_count=8").strip()
 
 import input_pipeline  # noqa: E402,F401  (configures TensorFlow)
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+# XLA compiles dominate this suite on small CPUs. Tests build the same tiny
+# programs many times (every train_and_evaluate makes new jit wrappers), so a
+# session-wide persistent compilation cache compiles each program once.
+jax.config.update("jax_compilation_cache_dir",
+                  tempfile.mkdtemp(prefix="facenet_jax_xla_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
