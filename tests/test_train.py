@@ -108,6 +108,38 @@ class ScheduleTest(absltest.TestCase):
       train.learning_rate_schedule(config, steps_per_epoch=10)
 
 
+class NonFiniteTest(absltest.TestCase):
+
+  def test_nan_loss_stops_with_message(self):
+    writer = _ListWriter()
+    train._write_metrics(writer, 10, [{"train/loss": np.float32(2.0)}])
+    self.assertEqual(writer.rows, [(10, {"train/loss": 2.0})])
+    with self.assertRaisesRegex(train.NonFiniteLossError,
+                                "non-finite by step 20"):
+      train._write_metrics(writer, 20, [{"train/loss": np.float32(1.0)},
+                                        {"train/loss": np.float32(np.nan)}])
+    self.assertLen(writer.rows, 1)  # Nothing written for the bad interval.
+
+  def test_non_finite_parameters_are_not_saved(self):
+    state = train.TrainState(step=np.int32(5),
+                             params={"w": np.array([1.0, np.inf])},
+                             batch_stats={}, opt_state=())
+    with self.assertRaisesRegex(train.NonFiniteLossError,
+                                "last good checkpoint \\(step 4\\)"):
+      train._check_finite(state, 5, 4, "/tmp/ckpt")
+    train._check_finite(state.replace(params={"w": np.ones(2)}), 5, 4,
+                        "/tmp/ckpt")
+
+
+class _ListWriter:
+
+  def __init__(self):
+    self.rows = []
+
+  def write_scalars(self, step, scalars):
+    self.rows.append((step, scalars))
+
+
 class ConfigMappingTest(absltest.TestCase):
 
   def test_backbone_names(self):
