@@ -37,6 +37,8 @@ from input_pipeline import pipeline
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
           "float16": jnp.float16}
 MSVR_SCENE_DATASETS = ("msvr310",)
+# Per-example fields of an evaluation batch that the ranking needs.
+EVAL_METADATA = ("pid", "camid", "sceneid", "flare", "valid", "index")
 
 
 @flax.struct.dataclass
@@ -251,12 +253,13 @@ def load_pretrained(state: TrainState, path: str, depth: int,
   """Initialises every stream's backbone from an ImageNet ResNet file."""
   from facenet_jax import pretrained  # pylint: disable=g-import-not-at-top
   resnet_vars = pretrained.load_resnet_variables(path, depth)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  variables = to_host({"params": state.params,
+                       "batch_stats": state.batch_stats})
   for m in MODALITIES:
     variables = pretrained.merge_into(variables, resnet_vars,
                                       (f"{m}_backbone",))
   logging.info("Initialised the %s backbones from %s", MODALITIES, path)
-  return TrainState(step=state.step, params=variables["params"],
+  return TrainState(step=to_host(state.step), params=variables["params"],
                     batch_stats=variables["batch_stats"],
                     opt_state=optimizer.init(variables["params"]))
 
@@ -327,15 +330,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(_with_sharding(abstract, state_sharding))
-    logging.info("Resumed from step %d", int(state.step))
+    logging.info("Resumed from step %d", int(to_host(state.step)))
   else:
     state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
     if config.model.pretrained:
-      state = jax.device_put(
+      state = put_replicated(
           load_pretrained(state, config.model.pretrained,
                           parse_depth(config.model.backbone), optimizer),
-          state_sharding)
-  start_step = int(state.step)
+          sharding.replicated)
+  start_step = int(to_host(state.step))
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
@@ -382,6 +385,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   return results
 
 
+def to_host(tree: Any) -> Any:
+  """Fetches replicated arrays to NumPy, also when they span several hosts.
+
+  `jax.device_get` refuses arrays with devices on other processes; a
+  replicated array's local shard already holds the whole value.
+  """
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.is_fully_replicated:
+        raise ValueError("to_host needs replicated arrays on multiple hosts")
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(fetch, tree)
+
+
+def put_replicated(tree: Any,
+                   sharding: jax.sharding.NamedSharding) -> Any:
+  """Host values (identical on every process) -> replicated global arrays."""
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, tree)
+
+
 def _with_sharding(abstract: Any, shardings: Any) -> Any:
   return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -390,7 +417,7 @@ def _with_sharding(abstract: Any, shardings: Any) -> Any:
 
 def _write_metrics(writer, step: int, pending: list) -> None:
   """One host sync: averages the device metrics gathered since the last log."""
-  fetched = jax.device_get(pending)
+  fetched = to_host(pending)
   summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
   if not math.isfinite(summary["train/loss"]):
     raise NonFiniteLossError(
@@ -400,12 +427,16 @@ def _write_metrics(writer, step: int, pending: list) -> None:
   writer.write_scalars(step, summary)
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree.leaves(tree)]))
+
+
 def _check_finite(state: TrainState, step: int, last_saved: int,
                   directory: str) -> None:
   """Refuses to save a state whose parameters are no longer finite."""
-  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                              for x in jax.tree.leaves(state.params)]))
-  if not bool(finite):
+  if not bool(to_host(_all_finite(state.params))):
     raise NonFiniteLossError(
         f"Parameters are non-finite at step {step}; not saving. The last good "
         f"checkpoint (step {last_saved}) is kept in {directory}.")
@@ -419,25 +450,27 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
   """Embeddings and metadata of one split, every example exactly once."""
   data = _split(config, split)
   mean, std = _normalization(config)
-  fn = jax.jit(functools.partial(embed_step, model=model,
-                                 flip_average=config.eval.flip_average),
+  embed = functools.partial(embed_step, model=model,
+                            flip_average=config.eval.flip_average)
+  # The metadata goes through the same jit with replicated outputs: that is
+  # the all-gather that gives every process every example on multiple hosts.
+  fn = jax.jit(lambda v, b: (embed(v, b), {k: b[k] for k in EVAL_METADATA}),
                in_shardings=(sharding.replicated, sharding.data),
                out_shardings=sharding.replicated)
   # Round the batch up to a multiple of the devices; padding is masked out.
   batch_size = -(-config.eval_batch_size // sharding.mesh.size) * (
       sharding.mesh.size)
-  out = {k: [] for k in ("embedding", "pid", "camid", "sceneid", "flare",
-                         "valid", "index")}
+  out = {k: [] for k in ("embedding",) + EVAL_METADATA}
   for local in pipeline.eval_batches(
       data, batch_size=batch_size // jax.process_count(),
       input_size=tuple(config.input_size), mean=mean, std=std,
       flare_threshold=config.flare.ratio_threshold,
       process_index=jax.process_index(), process_count=jax.process_count()):
-    batch = sharding.global_batch(local)
-    out["embedding"].append(np.asarray(jax.device_get(fn(variables, batch))))
-    for key in out:
-      if key != "embedding":
-        out[key].append(np.asarray(jax.device_get(batch[key])))
+    embedding, metadata = to_host(
+        fn(variables, sharding.global_batch(local)))
+    out["embedding"].append(np.asarray(embedding))
+    for key, value in metadata.items():
+      out[key].append(np.asarray(value))
   result = {k: np.concatenate(v) for k, v in out.items()}
   keep = result["valid"].astype(bool)
   result = {k: v[keep] for k, v in result.items()}
@@ -456,7 +489,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: FACENet,
   results = evaluation.rank_report(
       query, gallery, max_rank=config.eval.max_rank, use_scenes=scenes,
       rerank=config.eval.rerank)
-  results["step"] = int(state.step)
+  results["step"] = int(to_host(state.step))
   results["dataset"] = config.dataset
   logging.info("Evaluated step %d in %.1fs: %s", results["step"],
                time.time() - start, json.dumps(results))
