@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from absl import logging
 from clu import metric_writers
@@ -31,7 +31,7 @@ from facenet_jax import evaluation
 from facenet_jax import losses
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 from facenet_jax.models import FACENet
-import input_pipeline
+import input_pipeline  # noqa: F401  (hides accelerators from TensorFlow)
 from input_pipeline import pipeline
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,

@@ -61,8 +61,8 @@ def main(argv):
   depth = train.parse_depth(_BACKBONE.value)
   print(f"{_BACKBONE.value}, input {_HEIGHT.value}x{_WIDTH.value}, "
         f"{_CLASSES.value} classes, last stride 1, plug-in after stage 4")
-  print(f"| variant | parameters (M) | GFLOPs per triplet |")
-  print(f"|---|---:|---:|")
+  print("| variant | parameters (M) | GFLOPs per triplet |")
+  print("|---|---:|---:|")
   for name, overrides in VARIANTS:
     if overrides.get("fmi_width") == -1:
       overrides = {**overrides, "fmi_width": _REDUCED.value}

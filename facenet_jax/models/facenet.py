@@ -15,7 +15,7 @@ Arrays are NHWC. B = batch, C = channels at the plug-in stage, D = channels of
 the stage-4 map (the per-stream feature dimension).
 """
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import flax
 import flax.linen as nn
