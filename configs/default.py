@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.fmi_attention_reduction = 16
   # Temperature of the straight-through mask gradient sigmoid((m - Delta)/tau).
   config.model.mask_temperature = 1.0
-  # Retrieval embedding from stream features "before" or "after" the BN neck.
+  # Retrieval embedding from stream features "before_bn" or "after_bn" (neck).
   config.model.embedding = "before_bn"
 
   # --- Loss -------------------------------------------------------------------

@@ -46,12 +46,20 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def check_config(workdir: str, config: ml_collections.ConfigDict,
+                 has_state: bool, write: bool = True,
                  ignore: Iterable[str] = RESUMABLE_FIELDS) -> None:
-  """Writes WORKDIR/config.json, or checks the config against the one there.
+  """Checks the config against WORKDIR/config.json, or (re)writes that file.
+
+  config.json describes the checkpoints in the workdir. While there are none,
+  it is simply (re)written, so a run that failed before its first checkpoint
+  (e.g. on a config typo) can be restarted with a corrected config.
 
   Args:
     workdir: the run directory.
     config: the configuration of this run.
+    has_state: whether the workdir holds checkpoints made under config.json.
+    write: (re)write config.json when there is nothing to compare against
+      (training); False for evaluation, which only compares.
     ignore: top-level fields allowed to differ (loop length, logging, eval).
 
   Raises:
@@ -61,10 +69,11 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
   """
   path = os.path.join(workdir, CONFIG_FILE)
   current = config_to_dict(config)
-  if not os.path.exists(path):
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
+  if not has_state or not os.path.exists(path):
+    if write and jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      with open(path, "w") as f:
+        json.dump(current, f, indent=2, sort_keys=True)
     return
   with open(path) as f:
     saved = json.load(f)
@@ -167,43 +176,15 @@ class Checkpointer:
       raise FileNotFoundError(
           f"No checkpoint{'' if step is None else f' for step {step}'} in "
           f"{self.directory}; available steps: {self.all_steps()}")
-    saved = self._manager.item_metadata(step)
-    _check_structure(saved, abstract_state, self.directory, step)
     logging.info("Restoring checkpoint step %d from %s", step, self.directory)
-    return self._manager.restore(
-        step, args=ocp.args.StandardRestore(abstract_state))
+    try:
+      return self._manager.restore(
+          step, args=ocp.args.StandardRestore(abstract_state))
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointMismatchError(
+          f"Checkpoint {self.directory}/{step} does not match the model built "
+          f"from the config (different model fields or dataset?): {e}") from e
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
-
-
-def _check_structure(saved: Any, abstract_state: Any, directory: str,
-                     step: int) -> None:
-  """Compares saved tree metadata with the abstract state, listing problems."""
-  if saved is None:
-    return
-  saved_leaves = {jax.tree_util.keystr(k): v for k, v in
-                  jax.tree_util.tree_flatten_with_path(saved)[0]}
-  wanted_leaves = {jax.tree_util.keystr(k): v for k, v in
-                   jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-  missing = sorted(set(wanted_leaves) - set(saved_leaves))
-  unexpected = sorted(set(saved_leaves) - set(wanted_leaves))
-  shapes = []
-  for key in sorted(set(saved_leaves) & set(wanted_leaves)):
-    got = tuple(getattr(saved_leaves[key], "shape", ()) or ())
-    want = tuple(getattr(wanted_leaves[key], "shape", ()) or ())
-    if got != want:
-      shapes.append(f"  {key}: checkpoint {got}, model {want}")
-  if missing or unexpected or shapes:
-    lines = [f"Checkpoint {directory}/{step} does not match the model built "
-             "from the config:"]
-    if missing:
-      lines.append(f" missing in checkpoint ({len(missing)}): "
-                   + ", ".join(missing[:10]))
-    if unexpected:
-      lines.append(f" not in the model ({len(unexpected)}): "
-                   + ", ".join(unexpected[:10]))
-    if shapes:
-      lines.append(" shape mismatches:\n" + "\n".join(shapes[:10]))
-    raise CheckpointMismatchError("\n".join(lines))

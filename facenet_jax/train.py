@@ -110,8 +110,11 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   scale = steps / max(1, config.num_epochs * steps_per_epoch)
   warmup = int(round(opt.warmup_epochs * steps_per_epoch * scale))
   if opt.schedule == "piecewise":
-    boundaries = {int(round(e * steps_per_epoch * scale)): opt.decay_factor
-                  for e in opt.decay_epochs}
+    boundaries = {}
+    for epoch in opt.decay_epochs:
+      # Decay points that round to the same step in a short run compound.
+      step = int(round(epoch * steps_per_epoch * scale))
+      boundaries[step] = boundaries.get(step, 1.0) * opt.decay_factor
     main = optax.piecewise_constant_schedule(opt.learning_rate, boundaries)
     if not warmup:
       return main
@@ -278,7 +281,22 @@ def _normalization(config):
           np.asarray(config.normalization.std, np.float32))
 
 
+def _check_flare(config: ml_collections.ConfigDict) -> None:
+  # The builders store flare_ratio measured at FLARE_PIXEL_LOW; only the ratio
+  # threshold can change without rebuilding the dataset.
+  from input_pipeline.datasets import features  # pylint: disable=g-import-not-at-top
+  if config.flare.pixel_low != features.FLARE_PIXEL_LOW:
+    raise ValueError(
+        f"flare.pixel_low={config.flare.pixel_low}: the datasets store "
+        f"flare_ratio measured at {features.FLARE_PIXEL_LOW} (input_pipeline/"
+        "datasets/features.py); change FLARE_PIXEL_LOW and rebuild them to "
+        "use another bar.")
+
+
 def _check_batch(config: ml_collections.ConfigDict, sharding: Sharding) -> None:
+  if config.eval_batch_size < 1:
+    raise ValueError(f"eval_batch_size must be >= 1, got "
+                     f"{config.eval_batch_size}")
   batch = config.ids_per_batch * config.instances_per_id
   if config.ids_per_batch % jax.process_count():
     raise ValueError(f"ids_per_batch={config.ids_per_batch} must be divisible "
@@ -306,7 +324,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   sharding = Sharding.create()
   _check_batch(config, sharding)
-  checkpointing.check_config(workdir, config)
+  _check_flare(config)
+  ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
+  checkpointing.check_config(workdir, config,
+                             has_state=ckpt.latest_step() is not None)
   train_data = _split(config, "train")
   labels = pipeline.train_label_map(train_data)
   num_classes = len(labels)
@@ -327,7 +348,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   abstract = jax.eval_shape(init_fn, rng)
   state_sharding = jax.tree.map(lambda _: sharding.replicated, abstract)
 
-  ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(_with_sharding(abstract, state_sharding))
     logging.info("Resumed from step %d", int(to_host(state.step)))
@@ -343,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
-    parameter_overview.log_parameter_overview(state.params)
+    parameter_overview.log_parameter_overview(to_host(state.params))
     writer.write_hparams({k: v for k, v in checkpointing.flatten_config(
         checkpointing.config_to_dict(config)).items()
                           if isinstance(v, (int, float, str, bool))})
@@ -503,6 +523,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: FACENet,
 def restore_for_eval(config: ml_collections.ConfigDict, workdir: str,
                      step: Optional[int] = None):
   """Model and state of a finished (or interrupted) run, for eval/inference."""
+  checkpointing.check_config(workdir, config, has_state=True, write=False)
   info = checkpointing.read_run_info(workdir)
   model = build_model(config, info["num_classes"])
   spe = info["steps_per_epoch"]

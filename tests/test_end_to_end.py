@@ -86,6 +86,27 @@ class EndToEndTest(absltest.TestCase):
                                 "model.use_fmi"):
       train.train_and_evaluate(config, self.workdir)
 
+  def test_eval_with_other_config_is_refused(self):
+    config = _config(self.data_dir)
+    config.model.embedding = "after_bn"
+    with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
+                                "model.embedding"):
+      train.evaluate_checkpoint(config, self.workdir)
+
+  def test_checkpoint_shape_mismatch_is_reported(self):
+    # A run directory whose config.json says fmi_width=16 but whose
+    # checkpoints hold the full-width FMI.
+    other = os.path.join(self.root, "mismatch")
+    shutil.rmtree(other, ignore_errors=True)
+    shutil.copytree(self.workdir, other)
+    config = _config(self.data_dir)
+    config.model.fmi_width = 16
+    with open(os.path.join(other, checkpointing.CONFIG_FILE), "w") as f:
+      json.dump(checkpointing.config_to_dict(config), f)
+    with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
+                                "does not match the model"):
+      train.restore_for_eval(config, other)
+
   def test_embedder_matches_evaluation(self):
     embedder = inference.Embedder.from_workdir(self.workdir)
     config = checkpointing.load_config(self.workdir)

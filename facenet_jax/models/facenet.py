@@ -77,9 +77,10 @@ def _conv1x1(features: int, dtype: Dtype, name: str,
 class FMI(nn.Module):
   """Flare-susceptible mutual interaction (paper eqs. 2-4).
 
-  f_C' = conv3x3(conv3x3(conv1x1(conv3x3(concat(f_R, f_N))))) -- the
-  equation's innermost convolution is applied first; each with BN and ReLU,
-  the first three `width` channels wide, the last C. An SE-style channel
+  f_C' = four convolutions on concat(f_R, f_N) with kernels 3x3, 3x3, 1x1,
+  3x3 in that order (the order MISSION.md and the paper's prose give; eq. 3 is
+  garbled), each with BN and ReLU, the first three `width` channels wide, the
+  last C. An SE-style channel
   attention gives f_att = sigmoid(conv1x1(relu(conv1x1(GAP(f_C'))))), and the
   common flare feature is f_C = f_att * f_C' + f_C'.
 
@@ -98,8 +99,8 @@ class FMI(nn.Module):
     """Maps two (B, h, w, C) maps to the common feature f_C (B, h, w, C)."""
     x = jnp.concatenate([f_rgb, f_ni], axis=-1)
     x = _conv_bn_relu(x, self.width, 3, train, self.dtype, "mix1")
-    x = _conv_bn_relu(x, self.width, 1, train, self.dtype, "mix2")
-    x = _conv_bn_relu(x, self.width, 3, train, self.dtype, "mix3")
+    x = _conv_bn_relu(x, self.width, 3, train, self.dtype, "mix2")
+    x = _conv_bn_relu(x, self.width, 1, train, self.dtype, "mix3")
     f_common = _conv_bn_relu(x, self.channels, 3, train, self.dtype, "mix4")
     hidden = max(1, self.channels // self.reduction)
     att = jnp.mean(f_common, axis=(1, 2), keepdims=True)
