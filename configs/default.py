@@ -44,6 +44,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.flare = ml_collections.ConfigDict()
   config.flare.pixel_low = 250
   config.flare.ratio_threshold = 0.1
+  # Classical de-flare baseline (Table 3): CLAHE on the RGB and NI images
+  # before anything else (input_pipeline/deflare.py); off in the paper's model.
+  config.preprocess = ml_collections.ConfigDict()
+  config.preprocess.clahe = False
+  # scikit-image's normalised clip limit, in (0, 1].
+  config.preprocess.clahe_clip_limit = 0.01
 
   # --- Model ------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()

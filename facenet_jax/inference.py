@@ -110,9 +110,17 @@ def flare_labels(raw: dict, pixel_low: int, threshold: float) -> np.ndarray:
 
 
 def preprocess(raw: dict, config: ml_collections.ConfigDict) -> dict:
-  """Resize + per-modality normalisation with the evaluation pipeline's ops."""
+  """The evaluation pipeline's preprocessing of raw uint8 batches.
+
+  CLAHE on RGB/NI if the run used it, then resize and per-modality
+  normalisation with the pipeline's ops.
+  """
+  from input_pipeline import deflare  # pylint: disable=g-import-not-at-top
   from input_pipeline import ops  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if config.preprocess.clahe:
+    raw = {m: deflare.clahe_batch(x, config.preprocess.clahe_clip_limit)
+           if m in FLARE_MODALITIES else x for m, x in raw.items()}
   op = ops.chain(ops.resize(config.input_size),
                  ops.normalize(config.normalization.mean,
                                config.normalization.std))

@@ -32,6 +32,7 @@ from facenet_jax import losses
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 from facenet_jax.models import FACENet
 import input_pipeline  # noqa: F401  (hides accelerators from TensorFlow)
+from input_pipeline import deflare
 from input_pipeline import pipeline
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
@@ -271,9 +272,12 @@ def load_pretrained(state: TrainState, path: str, depth: int,
 
 
 def _split(config: ml_collections.ConfigDict, split: str) -> pipeline.SplitData:
-  return pipeline.load_split(
+  data = pipeline.load_split(
       config.dataset, split, builder_config=config.dataset_config,
       data_dir=config.data_dir or None, manual_dir=config.manual_dir or None)
+  if config.preprocess.clahe:
+    data = deflare.clahe_split(data, config.preprocess.clahe_clip_limit)
+  return data
 
 
 def _normalization(config):

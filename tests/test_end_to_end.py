@@ -19,8 +19,10 @@ import tensorflow_datasets as tfds
 from configs import tiny
 from facenet_jax import checkpointing
 from facenet_jax import inference
+from facenet_jax import mask_quality
 from facenet_jax import train
 import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
+from input_pipeline import pipeline
 
 
 def _config(data_dir: str):
@@ -126,6 +128,53 @@ class EndToEndTest(absltest.TestCase):
     np.testing.assert_allclose(single[0], emb[0], atol=1e-5)
     with self.assertRaisesRegex(ValueError, "uint8"):
       embedder(raw[0]["rgb"].astype(np.float32), raw[0]["ni"], raw[0]["ti"])
+
+  def test_mask_scores_of_the_run(self):
+    config = checkpointing.load_config(self.workdir)
+    data = mask_quality.load_with_masks("synthetic_flare", "query", "tiny",
+                                        self.data_dir)
+    scores = mask_quality.score_run(config, self.workdir, data, batch_size=8)
+    n = len(data["pid"])
+    for m in ("rgb", "ni"):
+      # 64x32 inputs, stage 4 at stride 16 (last stride 1): a 4x2 map.
+      self.assertEqual(scores["masks"][m].shape, (n, 4, 2))
+      self.assertEqual(scores["gt"][m].shape, (n, 4, 2))
+      self.assertEqual(scores[m]["num_flare"],
+                       int(scores["gt"][m].any(axis=(1, 2)).sum()))
+      for key in ("iou", "coverage_flare", "coverage_clean"):
+        self.assertBetween(scores[m][key], 0.0, 1.0)
+    # Batched, padded prediction = the model on one example alone.
+    model, state, _ = train.restore_for_eval(config, self.workdir)
+    images = inference.preprocess(
+        {k: data[k][-1:] for k in ("rgb", "ni", "ti")}, config)
+    flare = (data["flare_ratio"][-1:] > config.flare.ratio_threshold).astype(
+        np.float32)
+    alone = model.apply({"params": state.params,
+                         "batch_stats": state.batch_stats}, images, flare,
+                        train=False).masks
+    np.testing.assert_allclose(scores["masks"]["rgb"][-1],
+                               np.asarray(alone["rgb"][0]).mean(axis=-1),
+                               atol=1e-6)
+
+  def test_clahe_reaches_training_and_inference_alike(self):
+    config = _config(self.data_dir)
+    config.preprocess.clahe = True
+    data = train._split(config, "query")  # pylint: disable=protected-access
+    plain = train._split(_config(self.data_dir), "query")  # pylint: disable=protected-access
+    self.assertNotEqual(data.rgb[0], plain.rgb[0])
+    self.assertEqual(data.ti[0], plain.ti[0])
+    mean, std = train._normalization(config)  # pylint: disable=protected-access
+    batch = next(pipeline.eval_batches(
+        data, batch_size=4, input_size=config.input_size, mean=mean, std=std,
+        flare_threshold=config.flare.ratio_threshold))
+    ds = tfds.load("synthetic_flare/tiny", split="query",
+                   data_dir=self.data_dir)
+    raw = list(tfds.as_numpy(ds.take(4)))
+    images = inference.preprocess(
+        {m: np.stack([r[m] for r in raw]) for m in ("rgb", "ni", "ti")},
+        config)
+    for m in ("rgb", "ni", "ti"):
+      np.testing.assert_allclose(images[m], batch[m], atol=1e-5)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,291 @@
+"""The paper's ablation tables (2-5) as a resumable multi-seed study.
+
+A *variant* is a named set of config overrides on top of the study's base
+config; a *table* lists (row label, variant) pairs in the paper's order.
+Variants shared by several tables (e.g. MFMP + FCE is a row of Tables 2, 3, 4
+and 5) are trained once per seed. Every run has its own workdir
+(ROOT/runs/<variant>/seed<k>), so an interrupted study resumes: finished runs
+are skipped, an unfinished one resumes from its last checkpoint.
+
+Results are aggregated over seeds as mean +- sample standard deviation and
+written as markdown (`results_markdown`).
+"""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Mapping, Optional, Sequence
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from facenet_jax import checkpointing
+
+# Overrides (dotted config path -> value) of each variant.
+_NO_MODALITY = {"loss.modality": "none"}
+_MFMP_FCE = {"model.use_mfmp": True, "model.use_fmi": True,
+             "model.use_fce": True, "model.plug_stage": 4, **_NO_MODALITY}
+VARIANTS: dict[str, dict] = {
+    "baseline": {"model.use_mfmp": False, "model.use_fce": False,
+                 **_NO_MODALITY},
+    "baseline_clahe": {"model.use_mfmp": False, "model.use_fce": False,
+                       "preprocess.clahe": True, **_NO_MODALITY},
+    "mfmp": {**_MFMP_FCE, "model.use_fce": False},
+    "mfmp_fce": _MFMP_FCE,
+    "mfmp_nofmi_fce": {**_MFMP_FCE, "model.use_fmi": False},
+    **{f"mfmp_fce_stage{s}": {**_MFMP_FCE, "model.plug_stage": s}
+       for s in (1, 2, 3)},
+    **{f"mfmp_fce_{loss}": {**_MFMP_FCE, "loss.modality": loss}
+       for loss in ("3m", "hc", "cdc")},
+    "facenet": {**_MFMP_FCE, "loss.modality": "ic"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """One of the paper's tables: rows of (label, variant, paper mAP/R-1/R-5/R-10)."""
+  number: int
+  title: str
+  rows: tuple[tuple[str, str, tuple[float, float, float, float]], ...]
+
+
+# The paper's numbers (WMVeID863, ResNet50, %): Tables 2-5.
+_BASELINE = ("Baseline", "baseline", (53.7, 60.3, 69.1, 74.4))
+_PAPER_MFMP_FCE = (60.5, 66.5, 76.2, 79.7)
+_PAPER_FACENET = (62.1, 67.3, 76.7, 80.1)
+TABLES: dict[int, Table] = {
+    2: Table(2, "Ablation of the components", (
+        _BASELINE,
+        ("+ MFMP (SMP + FMI)", "mfmp", (53.9, 59.1, 72.2, 77.6)),
+        ("+ MFMP + FCE", "mfmp_fce", _PAPER_MFMP_FCE),
+        ("+ MFMP (w/o FMI) + FCE", "mfmp_nofmi_fce", (57.5, 64.9, 73.3, 76.3)),
+        ("+ MFMP + FCE + IC (FACENet)", "facenet", _PAPER_FACENET),
+    )),
+    3: Table(3, "Comparison with a classical de-flare method", (
+        _BASELINE,
+        ("+ CLAHE", "baseline_clahe", (54.5, 60.5, 70.8, 74.8)),
+        ("+ MFMP + FCE", "mfmp_fce", _PAPER_MFMP_FCE),
+    )),
+    4: Table(4, "Plug-in stage of MFMP + FCE", (
+        ("Stage 1", "mfmp_fce_stage1", (50.6, 56.8, 68.5, 73.0)),
+        ("Stage 2", "mfmp_fce_stage2", (53.8, 60.5, 71.2, 76.2)),
+        ("Stage 3", "mfmp_fce_stage3", (55.5, 60.7, 72.6, 75.6)),
+        ("Stage 4", "mfmp_fce", _PAPER_MFMP_FCE),
+    )),
+    5: Table(5, "Modality-relation losses", (
+        ("FACENet w/o IC", "mfmp_fce", _PAPER_MFMP_FCE),
+        ("+ 3M", "mfmp_fce_3m", (50.3, 55.3, 70.3, 77.4)),
+        ("+ HC", "mfmp_fce_hc", (59.4, 64.9, 75.4, 79.5)),
+        ("+ CdC", "mfmp_fce_cdc", (54.1, 58.2, 70.1, 74.7)),
+        ("+ IC (FACENet)", "facenet", _PAPER_FACENET),
+    )),
+}
+METRICS = (("mAP", "mAP"), ("R-1", "rank1"), ("R-5", "rank5"),
+           ("R-10", "rank10"))
+SUBSETS = ("all", "flare", "clean")
+RESULTS_FILE = "eval_results.json"
+
+
+def parse_tables(numbers: Sequence) -> list[int]:
+  """Validates table numbers (e.g. from a flag) and returns them as ints."""
+  out = []
+  for n in numbers:
+    try:
+      number = int(n)
+    except ValueError:
+      number = -1
+    if number not in TABLES:
+      raise ValueError(f"unknown table {n!r}; the study has tables "
+                       f"{sorted(TABLES)}")
+    out.append(number)
+  return out
+
+
+def variants_of(tables: Sequence[int]) -> list[str]:
+  """The distinct variants the tables need, in first-use order."""
+  seen = []
+  for number in tables:
+    for _, variant, _ in TABLES[number].rows:
+      if variant not in seen:
+        seen.append(variant)
+  return seen
+
+
+def variant_config(base: ml_collections.ConfigDict, variant: str,
+                   seed: int) -> ml_collections.ConfigDict:
+  """The base config with the variant's overrides and the seed."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
+  config = ml_collections.ConfigDict(base.to_dict())
+  for path, value in VARIANTS[variant].items():
+    node = config
+    *parents, leaf = path.split(".")
+    for key in parents:
+      node = node[key]
+    if leaf not in node:
+      raise KeyError(f"variant {variant}: the base config has no field {path}")
+    node[leaf] = value
+  config.seed = seed
+  return config
+
+
+def run_dir(root: str, variant: str, seed: int) -> str:
+  return os.path.join(root, "runs", variant, f"seed{seed}")
+
+
+def finished_results(workdir: str, config: ml_collections.ConfigDict,
+                     total_steps: Optional[int]) -> Optional[dict]:
+  """The run's eval results if it finished with this config, else None.
+
+  Args:
+    workdir: the run directory.
+    config: the config the run must have been trained with.
+    total_steps: the step the run must have reached; None to accept any.
+
+  Raises:
+    CheckpointMismatchError: the workdir was trained with another config.
+  """
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.exists(path):
+    return None
+  checkpointing.check_config(workdir, config, has_state=True, write=False)
+  with open(path) as f:
+    results = json.load(f)
+  if total_steps is not None and results.get("step") != total_steps:
+    return None
+  return results
+
+
+def _expected_steps(workdir: str, config: ml_collections.ConfigDict
+                    ) -> Optional[int]:
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  try:
+    info = checkpointing.read_run_info(workdir)
+  except (FileNotFoundError, ValueError):
+    return None
+  return int(config.num_epochs * info["steps_per_epoch"])
+
+
+def run_study(base: ml_collections.ConfigDict, root: str, tables: Sequence[int],
+              seeds: Sequence[int],
+              train_fn: Callable[[ml_collections.ConfigDict, str], dict],
+              on_result: Optional[Callable[[], None]] = None) -> dict:
+  """Trains and evaluates every (variant, seed) the tables need, resuming.
+
+  Args:
+    base: the study's base config.
+    root: the study directory.
+    tables: table numbers.
+    seeds: seeds; each variant runs once per seed.
+    train_fn: train_and_evaluate(config, workdir) -> results.
+    on_result: called after every finished run (e.g. to rewrite the tables).
+
+  Returns:
+    {variant: {seed: eval results}}.
+  """
+  variants = variants_of(tables)
+  plan = [(v, s) for v in variants for s in seeds]
+  results: dict = {v: {} for v in variants}
+  start = time.time()
+  trained = 0
+  for i, (variant, seed) in enumerate(plan, 1):
+    config = variant_config(base, variant, seed)
+    workdir = run_dir(root, variant, seed)
+    done = finished_results(workdir, config, _expected_steps(workdir, config))
+    if done is not None:
+      logging.info("[%d/%d] %s seed %d: finished earlier, mAP %.1f", i,
+                   len(plan), variant, seed, 100 * done["mAP"])
+      results[variant][seed] = done
+      continue
+    remaining = len(plan) - i + 1
+    eta = ""
+    if trained:
+      eta = f", about {(time.time() - start) / trained * remaining / 60:.0f} min left"
+    print(f"[{i}/{len(plan)}] training {variant} seed {seed} in {workdir}"
+          f"{eta}", flush=True)
+    run_start = time.time()
+    results[variant][seed] = train_fn(config, workdir)
+    trained += 1
+    print(f"[{i}/{len(plan)}] {variant} seed {seed}: mAP "
+          f"{100 * results[variant][seed]['mAP']:.1f} in "
+          f"{time.time() - run_start:.0f} s", flush=True)
+    if on_result is not None:
+      on_result()
+  return results
+
+
+def collect(root: str, variants: Sequence[str],
+            seeds: Sequence[int]) -> dict:
+  """{variant: {seed: results}} of the runs under root that have results."""
+  out = {}
+  for variant in variants:
+    for seed in seeds:
+      path = os.path.join(run_dir(root, variant, seed), RESULTS_FILE)
+      if os.path.exists(path):
+        with open(path) as f:
+          out.setdefault(variant, {})[seed] = json.load(f)
+  return out
+
+
+def _subset(results: dict, subset: str) -> Optional[dict]:
+  return results if subset == "all" else results.get(subset)
+
+
+def aggregate(per_seed: Mapping[int, dict], subset: str) -> dict:
+  """Mean, sample std (ddof=1; 0 for one seed) and n of each metric, in %.
+
+  Returns:
+    {metric key: (mean, std)} plus "n" (seeds) and "num_query" (queries of
+    the subset in the first seed; the split is the same for every seed).
+  """
+  rows = [_subset(r, subset) for r in per_seed.values()]
+  rows = [r for r in rows if r]
+  out = {"n": len(rows), "num_query": rows[0]["num_query"] if rows else 0}
+  for _, key in METRICS:
+    values = 100.0 * np.array([r[key] for r in rows], np.float64)
+    if not values.size:
+      out[key] = (float("nan"), float("nan"))
+      continue
+    std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+    out[key] = (float(values.mean()), std)
+  return out
+
+
+def _cell(mean_std: tuple[float, float]) -> str:
+  mean, std = mean_std
+  if np.isnan(mean):
+    return "-"
+  return f"{mean:.1f} ± {std:.1f}"
+
+
+def table_markdown(table: Table, results: Mapping[str, Mapping[int, dict]]
+                   ) -> str:
+  """One paper table as markdown: rows x {all, flare, clean} queries."""
+  names = [name for name, _ in METRICS]
+  lines = [f"### Table {table.number}: {table.title}", "",
+           "| Method | queries | seeds | " + " | ".join(names)
+           + " | paper mAP / R-1 |",
+           "|---|---|---:|" + "---:|" * len(names) + "---:|"]
+  for label, variant, paper in table.rows:
+    per_seed = results.get(variant, {})
+    for j, subset in enumerate(SUBSETS):
+      agg = aggregate(per_seed, subset)
+      cells = [_cell(agg[key]) for _, key in METRICS]
+      first = label if j == 0 else ""
+      ref = f"{paper[0]:.1f} / {paper[1]:.1f}" if j == 0 else ""
+      queries = f"{subset} ({agg['num_query']})" if agg["n"] else subset
+      lines.append(f"| {first} | {queries} | {agg['n']} | "
+                   + " | ".join(cells) + f" | {ref} |")
+  return "\n".join(lines) + "\n"
+
+
+def results_markdown(tables: Sequence[int],
+                     results: Mapping[str, Mapping[int, dict]],
+                     header: str = "") -> str:
+  """All requested tables, after an optional header paragraph."""
+  parts = [header] if header else []
+  parts += [table_markdown(TABLES[n], results) for n in tables]
+  return "\n".join(parts)

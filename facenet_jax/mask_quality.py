@@ -1,0 +1,232 @@
+"""How well the predicted flare masks match synthetic_flare's ground truth.
+
+The paper shows masks only as pictures (Figure 5). synthetic_flare stores the
+pixels its flare rendering touched (`flare_mask_rgb`, `flare_mask_ni`), so the
+masks can be scored. FACENet's mask M_S is (h, w, C) at the plug-in
+resolution, one decision per channel; the ground truth is (H, W) per image.
+We bring the ground truth to (h, w) by area averaging (a cell is flare when
+at least `min_fraction` of its pixels are) and score M_S against it broadcast
+over the channels:
+
+  IoU = sum_c |M_c & G| / sum_c |M_c | G|
+
+over the images whose ground truth is non-empty at (h, w). Two references go
+with it: the IoU of an all-ones mask (what "everything is flare" scores) and
+the mask coverage (fraction of ones) on flare and on flare-free images.
+"""
+
+import io
+from typing import Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+
+from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
+
+GT_FEATURES = {m: f"flare_mask_{m}" for m in FLARE_MODALITIES}
+
+
+def load_with_masks(dataset: str, split: str, builder_config: str = "",
+                    data_dir: Optional[str] = None) -> dict:
+  """Raw images, flare ratios and ground-truth masks of a prepared split.
+
+  Returns:
+    {"rgb"/"ni"/"ti": uint8 (N, H, W, 3), "gt_rgb"/"gt_ni": uint8 (N, H, W)
+     in {0, 1}, "flare_ratio": float32 (N, 2), "pid": int64 (N,)}.
+
+  Raises:
+    ValueError: the dataset has no ground-truth masks (real datasets).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top,unused-import
+  import input_pipeline.datasets
+
+  name = f"{dataset}/{builder_config}" if builder_config else dataset
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  missing = [f for f in GT_FEATURES.values() if f not in builder.info.features]
+  if missing:
+    raise ValueError(f"dataset {name} has no ground-truth flare masks "
+                     f"{missing}; only synthetic_flare stores them")
+  if not builder.is_prepared():
+    builder.download_and_prepare()
+  keys = MODALITIES + tuple(GT_FEATURES.values()) + ("flare_ratio", "pid")
+  columns = {k: [] for k in keys}
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  for example in tfds.as_numpy(ds):
+    for k in keys:
+      columns[k].append(example[k])
+  out = {}
+  for m in MODALITIES:
+    images = np.stack(columns[m])
+    out[m] = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+  for m, feature in GT_FEATURES.items():
+    out[f"gt_{m}"] = np.stack(columns[feature])[..., 0]
+  out["flare_ratio"] = np.stack(columns["flare_ratio"]).astype(np.float32)
+  out["pid"] = np.asarray(columns["pid"], np.int64)
+  return out
+
+
+def gt_at_resolution(gt: np.ndarray, size: Sequence[int],
+                     min_fraction: float = 0.5) -> np.ndarray:
+  """Area-pooled ground truth: (N, H, W) {0, 1} -> (N, h, w) bool.
+
+  A cell is flare when at least min_fraction of the pixels it covers are.
+  """
+  if not 0 < min_fraction <= 1:
+    raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
+  gt = np.asarray(gt)
+  if gt.ndim != 3:
+    raise ValueError(f"gt must be (N, H, W), got {gt.shape}")
+  h, w = size
+  pooled = np.stack([
+      np.asarray(Image.fromarray(g.astype(np.float32)).resize(
+          (w, h), Image.Resampling.BOX)) for g in gt]) if len(gt) else (
+              np.zeros((0, h, w), np.float32))
+  return pooled >= min_fraction - 1e-6
+
+
+def mask_scores(pred: np.ndarray, gt: np.ndarray,
+                any_flare: np.ndarray) -> dict:
+  """Scores (N, h, w, C) {0, 1} masks against (N, h, w) bool ground truth.
+
+  Args:
+    pred: predicted hard masks.
+    gt: ground truth at the mask resolution.
+    any_flare: (N,) whether the full-resolution ground truth has any flare
+      pixel; images without any are the flare-free ones.
+
+  Returns:
+    iou: mean IoU over images with non-empty gt (broadcast over channels).
+    iou_all_ones: the same for an all-ones prediction, the reference.
+    coverage_flare / coverage_clean: mean fraction of ones in the predicted
+      mask on images with non-empty gt / on flare-free images.
+    num_flare / num_clean: the number of images in each group.
+  """
+  pred = np.asarray(pred).astype(bool)
+  gt = np.asarray(gt).astype(bool)
+  if pred.ndim != 4 or pred.shape[:3] != gt.shape:
+    raise ValueError(f"pred (N, h, w, C) {pred.shape} does not match gt "
+                     f"(N, h, w) {gt.shape}")
+  g = gt[..., None]
+  inter = np.sum(pred & g, axis=(1, 2, 3))
+  union = np.sum(pred | g, axis=(1, 2, 3))
+  flare = gt.any(axis=(1, 2))
+  clean = ~np.asarray(any_flare, bool)
+  coverage = pred.mean(axis=(1, 2, 3))
+  nan = float("nan")
+
+  def mean(x, where):
+    return float(np.mean(x[where])) if np.any(where) else nan
+
+  return {
+      "iou": mean(inter / np.maximum(union, 1), flare),
+      "iou_all_ones": mean(gt.mean(axis=(1, 2)), flare),
+      "coverage_flare": mean(coverage, flare),
+      "coverage_clean": mean(coverage, clean),
+      "num_flare": int(flare.sum()),
+      "num_clean": int(clean.sum()),
+  }
+
+
+def predict_masks(model, variables, images: Mapping[str, np.ndarray],
+                  flare: np.ndarray, batch_size: int = 128) -> dict:
+  """Hard masks {modality: uint8 (N, h, w, C)} of a model with MFMP.
+
+  Args:
+    model: a FACENet with use_mfmp.
+    variables: its params and batch_stats.
+    images: normalised float32 (N, H, W, 3) per modality.
+    flare: (N, 2) pseudo-labels.
+    batch_size: examples per forward pass.
+  """
+  if not model.use_mfmp:
+    raise ValueError("the model has no MFMP, so it predicts no masks")
+  fn = jax.jit(lambda v, x, f: model.apply(v, x, f, train=False).masks)
+  n = len(flare)
+  out = {m: [] for m in FLARE_MODALITIES}
+  for start in range(0, n, batch_size):
+    stop = min(n, start + batch_size)
+    # Pad the last batch so that one shape is compiled.
+    idx = np.minimum(np.arange(start, start + batch_size), n - 1)
+    masks = fn(variables, {m: images[m][idx] for m in MODALITIES}, flare[idx])
+    for m in FLARE_MODALITIES:
+      out[m].append(np.asarray(masks[m][:stop - start]).astype(np.uint8))
+  return {m: np.concatenate(v) for m, v in out.items()}
+
+
+def _tile(image: np.ndarray, height: int, width: int) -> Image.Image:
+  """uint8 (h, w[, 3]) or float (h, w) in [0, 1] -> RGB tile, nearest."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    image = np.round(255 * np.clip(image, 0, 1)).astype(np.uint8)
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  return Image.fromarray(image).resize((width, height),
+                                       Image.Resampling.NEAREST)
+
+
+def figure(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[str],
+           row_labels: Sequence[str], scale: int = 2) -> bytes:
+  """A labelled grid of images as PNG bytes (like the paper's Figure 5).
+
+  Args:
+    rows: per row, one image per column: uint8 (H, W, 3) images, or float
+      (h, w) maps in [0, 1] (masks, mask coverage) shown in grey.
+    columns: column titles.
+    row_labels: a label per row, drawn over its first tile.
+    scale: tile size = scale x the first image's size.
+  """
+  if not rows or any(len(r) != len(columns) for r in rows):
+    raise ValueError("every row needs one image per column")
+  height, width = (scale * s for s in np.asarray(rows[0][0]).shape[:2])
+  title, gap = 14, 4
+  canvas = Image.new("RGB", (len(columns) * (width + gap) + gap,
+                             title + len(rows) * (height + gap) + gap),
+                     (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  for j, name in enumerate(columns):
+    draw.text((gap + j * (width + gap), 1), name, fill=(0, 0, 0))
+  for i, row in enumerate(rows):
+    y = title + gap + i * (height + gap)
+    for j, image in enumerate(row):
+      canvas.paste(_tile(image, height, width), (gap + j * (width + gap), y))
+    draw.text((gap + 2, y + 2), row_labels[i], fill=(255, 255, 0))
+  buffer = io.BytesIO()
+  canvas.save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def score_run(config, workdir: str, data: Mapping[str, np.ndarray],
+              min_fraction: float = 0.5, batch_size: int = 128) -> dict:
+  """Mask scores of a finished run's final checkpoint on `data`.
+
+  Args:
+    config: the run's config (must have model.use_mfmp).
+    workdir: the run directory.
+    data: `load_with_masks` output.
+    min_fraction: see gt_at_resolution.
+    batch_size: examples per forward pass.
+
+  Returns:
+    {modality: mask_scores(...)} plus "masks": {modality: float32 (N, h, w)
+    channel-mean coverage} and "gt": {modality: bool (N, h, w)}.
+  """
+  # pylint: disable=g-import-not-at-top
+  from facenet_jax import inference
+  from facenet_jax import train
+  model, state, _ = train.restore_for_eval(config, workdir)
+  variables = {"params": train.to_host(state.params),
+               "batch_stats": train.to_host(state.batch_stats)}
+  images = inference.preprocess({m: data[m] for m in MODALITIES}, config)
+  flare = (data["flare_ratio"] > config.flare.ratio_threshold).astype(
+      np.float32)
+  masks = predict_masks(model, variables, images, flare, batch_size)
+  out = {"masks": {}, "gt": {}}
+  for m in FLARE_MODALITIES:
+    gt = gt_at_resolution(data[f"gt_{m}"], masks[m].shape[1:3], min_fraction)
+    out[m] = mask_scores(masks[m], gt, data[f"gt_{m}"].any(axis=(1, 2)))
+    out["masks"][m] = masks[m].mean(axis=-1, dtype=np.float32)
+    out["gt"][m] = gt
+  return out

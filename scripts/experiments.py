@@ -1,0 +1,235 @@
+"""The paper's Tables 2-5 and a measurable Figure 5 on synthetic_flare.
+
+  # The whole study: 12 variants x 3 seeds (about 1.5-2 h on a 2-core CPU).
+  python scripts/experiments.py --config configs/experiments.py \
+      --workdir /tmp/facenet_study
+  # One seed of Table 2 only (about 15 min).
+  python scripts/experiments.py --config configs/experiments.py \
+      --workdir /tmp/facenet_quick --quick
+
+Each (variant, seed) trains in WORKDIR/runs/<variant>/seed<k>; rerunning the
+same command resumes an interrupted study (finished runs are skipped, an
+unfinished one continues from its last checkpoint). After every run the
+tables are rewritten to WORKDIR/results.md: mean +- sample std over seeds of
+mAP, R-1, R-5, R-10 for all, flare and clean queries. Then the predicted
+RGB/NI masks of the MFMP variants with and without FMI are scored against the
+ground-truth flare masks (WORKDIR/results.md, "Mask quality") and drawn next
+to them in WORKDIR/mask_figure.png. Base-config fields can be overridden as
+in main.py (--config.num_train_steps=...), which changes every variant.
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
+from facenet_jax import experiments  # noqa: E402
+from facenet_jax import mask_quality  # noqa: E402
+from facenet_jax import train  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Base configuration (configs/experiments.py).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Study directory.")
+_TABLES = flags.DEFINE_list("tables", ["2", "3", "4", "5"],
+                            "Paper tables to reproduce (2, 3, 4, 5).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every variant.")
+_QUICK = flags.DEFINE_bool("quick", False,
+                           "Table 2 with one seed (the first of --seeds).")
+_MASKS = flags.DEFINE_bool("mask_quality", True,
+                           "Score and draw the masks after training.")
+_MIN_FRACTION = flags.DEFINE_float(
+    "min_fraction", 0.5, "A plug-in-resolution cell is ground-truth flare when "
+    "at least this fraction of its pixels is.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False,
+                             "Print the runs the study needs and stop.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Mask variants: (label, figure title, variant), without FMI first (Figure
+# 5's b and c).
+MASK_VARIANTS = (("MFMP (w/o FMI) + FCE", "w/o FMI", "mfmp_nofmi_fce"),
+                 ("MFMP + FCE", "with FMI", "mfmp_fce"),
+                 ("FACENet", "FACENet", "facenet"))
+FIGURE_FILE = "mask_figure.png"
+FIGURE_EXAMPLES = 4
+WALL_TIME_FILE = "wall_time.json"
+
+
+def _seeds() -> list[int]:
+  try:
+    seeds = [int(s) for s in _SEEDS.value]
+  except ValueError as e:
+    raise app.UsageError(f"--seeds must be integers, got {_SEEDS.value}") from e
+  if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    raise app.UsageError(f"--seeds must be distinct non-negative integers, "
+                         f"got {_SEEDS.value}")
+  return seeds[:1] if _QUICK.value else seeds
+
+
+def _timed_train(config, workdir):
+  start = time.time()
+  results = train.train_and_evaluate(config, workdir)
+  # Time of this invocation (a resumed run counts its last part only).
+  with open(os.path.join(workdir, WALL_TIME_FILE), "w") as f:
+    json.dump({"seconds": time.time() - start}, f)
+  return results
+
+
+def _header(config, tables, seeds, root) -> str:
+  seconds = []
+  for variant in experiments.variants_of(tables):
+    for seed in seeds:
+      path = os.path.join(experiments.run_dir(root, variant, seed),
+                          WALL_TIME_FILE)
+      if os.path.exists(path):
+        with open(path) as f:
+          seconds.append(json.load(f)["seconds"])
+  h, w = config.input_size
+  length = (f"{config.num_train_steps} steps" if config.num_train_steps > 0
+            else f"{config.num_epochs} epochs")
+  return "\n".join([
+      "# FACENet ablations on synthetic_flare", "",
+      f"- Data: {config.dataset}/{config.dataset_config}; metrics on the "
+      "test split (query vs gallery), final checkpoint, no selection.",
+      f"- Model: {config.model.backbone} x{config.model.width_multiplier} per "
+      f"stream, {h}x{w} inputs, last stride {config.model.last_stride}, "
+      f"dtype {config.model.dtype}.",
+      f"- Training: {length} of "
+      f"{config.ids_per_batch}x{config.instances_per_id} triplets, lr "
+      f"{config.optimizer.learning_rate} {config.optimizer.schedule}, "
+      f"weight decay {config.optimizer.weight_decay}.",
+      f"- Seeds: {', '.join(map(str, seeds))}; cells are mean ± sample std "
+      "over seeds, in %. \"paper\" is ResNet50 on WMVeID863.",
+      f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, JAX "
+      f"{jax.__version__} on {jax.devices()[0].platform}; {len(seconds)} "
+      f"runs trained and evaluated in {sum(seconds) / 60:.1f} min.", ""])
+
+
+def _mask_section(config, root, seeds, variants) -> str:
+  """Scores every finished mask run, writes the figure, returns markdown."""
+  present = [(label, v) for label, _, v in MASK_VARIANTS if v in variants]
+  if not present:
+    return ""
+  data = {}
+  for split in ("query", "gallery"):
+    part = mask_quality.load_with_masks(config.dataset, split,
+                                        config.dataset_config,
+                                        config.data_dir or None)
+    data = {k: np.concatenate([data[k], part[k]]) if data else part[k]
+            for k in part}
+  figure_masks = {}
+  rows = []
+  for label, variant in present:
+    per_seed = []
+    for seed in seeds:
+      workdir = experiments.run_dir(root, variant, seed)
+      cfg = experiments.variant_config(config, variant, seed)
+      if experiments.finished_results(workdir, cfg, None) is None:
+        continue
+      scores = mask_quality.score_run(cfg, workdir, data, _MIN_FRACTION.value)
+      per_seed.append(scores)
+      with open(os.path.join(workdir, "mask_quality.json"), "w") as f:
+        json.dump({m: scores[m] for m in ("rgb", "ni")}, f, indent=2)
+      if variant not in figure_masks:
+        figure_masks[variant] = scores
+    for m in ("rgb", "ni"):
+      if not per_seed:
+        continue
+      cells = []
+      for key in ("iou", "iou_all_ones", "coverage_flare", "coverage_clean"):
+        values = 100 * np.array([s[m][key] for s in per_seed])
+        std = values.std(ddof=1) if len(values) > 1 else 0.0
+        cells.append(f"{values.mean():.1f} ± {std:.1f}")
+      first = per_seed[0][m]
+      rows.append(f"| {label} | {m} | {len(per_seed)} | {' | '.join(cells)} "
+                  f"| {first['num_flare']} / {first['num_clean']} |")
+  if not rows:
+    return ""
+  _write_figure(root, data, figure_masks)
+  return "\n".join([
+      "### Mask quality (the paper's Figure 5, measured)", "",
+      "Predicted hard masks M_S (plug-in resolution, every channel) against "
+      "the ground-truth flare masks area-pooled to that resolution (a cell is "
+      f"flare when >= {_MIN_FRACTION.value:g} of its pixels are), on the "
+      "query + gallery images. IoU over the images with flare at that "
+      "resolution; \"all-ones IoU\" is what predicting flare everywhere "
+      "scores; coverage is the fraction of the mask that is 1.", "",
+      "| Model | modality | seeds | IoU | all-ones IoU | coverage, flare "
+      "images | coverage, flare-free images | images (flare / flare-free) |",
+      "|---|---|---:|---:|---:|---:|---:|---:|", *rows,
+      "", f"Figure: [{FIGURE_FILE}]({FIGURE_FILE}) (first seed).", ""])
+
+
+def _write_figure(root, data, figure_masks) -> None:
+  """Figure 5 made concrete: image, ground truth, masks w/o and with FMI."""
+  variants = list(figure_masks)
+  titles = {v: title for _, title, v in MASK_VARIANTS}
+  columns = ["image", "ground truth", "gt at map"] + [titles[v]
+                                                      for v in variants]
+  first = figure_masks[variants[0]]
+  rows, labels = [], []
+  for m in ("rgb", "ni"):
+    area = first["gt"][m].mean(axis=(1, 2))
+    for i in np.argsort(-area, kind="stable")[:FIGURE_EXAMPLES // 2]:
+      rows.append([data[m][i], data[f"gt_{m}"][i].astype(np.float32),
+                   first["gt"][m][i].astype(np.float32)]
+                  + [figure_masks[v]["masks"][m][i] for v in variants])
+      labels.append(f"{m} {i}")
+  with open(os.path.join(root, FIGURE_FILE), "wb") as f:
+    f.write(mask_quality.figure(rows, columns, labels))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  root = _WORKDIR.value
+  tables = [2] if _QUICK.value else experiments.parse_tables(_TABLES.value)
+  seeds = _seeds()
+  variants = experiments.variants_of(tables)
+  if _DRY_RUN.value:
+    for variant in variants:
+      for seed in seeds:
+        print(f"{variant} seed {seed}: "
+              f"{experiments.run_dir(root, variant, seed)} "
+              f"{experiments.VARIANTS[variant]}")
+    return
+  os.makedirs(root, exist_ok=True)
+  # Seeds of one variant compile the same programs: cache them on disk.
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(root, "xla_cache"))
+  results_path = os.path.join(root, "results.md")
+
+  def write_tables(extra: str = "") -> None:
+    text = experiments.results_markdown(
+        tables, experiments.collect(root, variants, seeds),
+        _header(config, tables, seeds, root))
+    with open(results_path, "w") as f:
+      f.write(text + ("\n" + extra if extra else ""))
+
+  print(f"{len(variants)} variants x {len(seeds)} seeds; results in "
+        f"{results_path}", flush=True)
+  experiments.run_study(config, root, tables, seeds, _timed_train,
+                        on_result=write_tables)
+  masks = ""
+  if _MASKS.value:
+    logging.info("Scoring the predicted masks...")
+    masks = _mask_section(config, root, seeds, variants)
+  write_tables(masks)
+  with open(results_path) as f:
+    print(f.read())
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,231 @@
+"""The ablation study's bookkeeping: variants, resume, aggregation, tables."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from absl.testing import absltest
+import numpy as np
+from PIL import Image
+
+from configs import experiments as experiments_config
+from configs import tiny
+from facenet_jax import checkpointing
+from facenet_jax import experiments
+from facenet_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def _fake_results(seed: int, steps: int) -> dict:
+  """Eval results whose metrics are a known function of the seed."""
+  metrics = {"mAP": 0.1 * (seed + 1), "rank1": 0.2, "rank5": 0.5,
+             "rank10": 0.25 * (seed + 1), "num_query": 10}
+  return {**metrics, "step": steps,
+          "flare": {**metrics, "num_query": 4, "mAP": 0.05},
+          "clean": {**metrics, "num_query": 6}}
+
+
+class VariantsTest(absltest.TestCase):
+
+  def test_all_tables_need_twelve_distinct_variants(self):
+    variants = experiments.variants_of(sorted(experiments.TABLES))
+    self.assertLen(variants, 12)
+    self.assertCountEqual(variants, experiments.VARIANTS)
+
+  def test_variants_mean_what_the_tables_say(self):
+    base = experiments_config.get_config()
+    models = {v: train.build_model(experiments.variant_config(base, v, 0), 5)
+              for v in experiments.VARIANTS}
+    loss = {v: train.loss_config(experiments.variant_config(base, v, 0))
+            for v in experiments.VARIANTS}
+    self.assertFalse(models["baseline"].use_mfmp)
+    self.assertFalse(models["baseline"].use_fce)
+    self.assertTrue(models["mfmp"].use_mfmp)
+    self.assertFalse(models["mfmp"].use_fce)
+    self.assertFalse(models["mfmp_nofmi_fce"].use_fmi)
+    self.assertTrue(models["mfmp_fce"].use_fmi and models["mfmp_fce"].use_fce)
+    for stage in (1, 2, 3):
+      self.assertEqual(models[f"mfmp_fce_stage{stage}"].plug_stage, stage)
+    self.assertEqual(models["mfmp_fce"].plug_stage, 4)
+    self.assertEqual(loss["facenet"].modality, "ic")
+    for name in ("3m", "hc", "cdc"):
+      self.assertEqual(loss[f"mfmp_fce_{name}"].modality, name)
+    for v in ("baseline", "baseline_clahe", "mfmp", "mfmp_fce",
+              "mfmp_nofmi_fce"):
+      self.assertEqual(loss[v].modality, "none")
+    clahe = {v: experiments.variant_config(base, v, 0).preprocess.clahe
+             for v in experiments.VARIANTS}
+    self.assertEqual([v for v, on in clahe.items() if on], ["baseline_clahe"])
+
+  def test_variant_config_sets_seed_and_leaves_base_alone(self):
+    base = tiny.get_config()
+    config = experiments.variant_config(base, "baseline", 7)
+    self.assertEqual(config.seed, 7)
+    self.assertFalse(config.model.use_mfmp)
+    self.assertTrue(base.model.use_mfmp)
+    self.assertEqual(base.seed, 0)
+
+  def test_unknown_names_are_refused(self):
+    base = tiny.get_config()
+    with self.assertRaisesRegex(ValueError, "unknown variant 'nope'"):
+      experiments.variant_config(base, "nope", 0)
+    with self.assertRaisesRegex(ValueError, "unknown table '9'"):
+      experiments.parse_tables(["2", "9"])
+    self.assertEqual(experiments.parse_tables(["5", "2"]), [5, 2])
+
+
+class AggregateTest(absltest.TestCase):
+
+  def test_mean_and_sample_std_in_percent(self):
+    per_seed = {s: _fake_results(s, 3) for s in range(3)}
+    agg = experiments.aggregate(per_seed, "all")
+    self.assertEqual(agg["n"], 3)
+    mean, std = agg["mAP"]
+    self.assertAlmostEqual(mean, 20.0)
+    self.assertAlmostEqual(std, 10.0)  # sample std of 10, 20, 30
+    self.assertAlmostEqual(agg["rank1"][1], 0.0)
+    flare = experiments.aggregate(per_seed, "flare")
+    self.assertAlmostEqual(flare["mAP"][0], 5.0)
+    self.assertEqual(flare["num_query"], 4)
+
+  def test_one_seed_has_zero_std_and_none_is_nan(self):
+    agg = experiments.aggregate({0: _fake_results(0, 3)}, "clean")
+    self.assertEqual(agg["mAP"], (10.0, 0.0))
+    empty = experiments.aggregate({}, "all")
+    self.assertEqual(empty["n"], 0)
+    self.assertTrue(np.isnan(empty["mAP"][0]))
+
+  def test_table_markdown(self):
+    results = {"baseline": {s: _fake_results(s, 3) for s in range(2)}}
+    text = experiments.table_markdown(experiments.TABLES[3], results)
+    lines = text.splitlines()
+    self.assertEqual(lines[0], "### Table 3: Comparison with a classical "
+                     "de-flare method")
+    rows = [line for line in lines if line.startswith("| ")][1:]
+    self.assertLen(rows, 3 * len(experiments.TABLES[3].rows))
+    self.assertEqual(rows[0], "| Baseline | all (10) | 2 | 15.0 ± 7.1 | "
+                     "20.0 ± 0.0 | 50.0 ± 0.0 | 37.5 ± 17.7 | 53.7 / 60.3 |")
+    self.assertIn("| flare (4) | 2 | 5.0 ± 0.0 |", rows[1])
+    # A variant without results yet: 0 seeds and empty cells.
+    self.assertEqual(rows[3], "| + CLAHE | all | 0 | - | - | - | - | "
+                     "54.5 / 60.5 |")
+
+
+class RunStudyTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.root = os.path.join(absltest.get_default_test_tmpdir(), "study")
+    shutil.rmtree(self.root, ignore_errors=True)
+    self.base = tiny.get_config()
+    self.calls = []
+
+  def _train(self, config, workdir):
+    """Stands in for train_and_evaluate: writes what a finished run writes."""
+    self.calls.append((config.seed, workdir))
+    checkpointing.check_config(workdir, config, has_state=False)
+    results = _fake_results(config.seed, config.num_train_steps)
+    with open(os.path.join(workdir, experiments.RESULTS_FILE), "w") as f:
+      json.dump(results, f)
+    return results
+
+  def test_runs_each_variant_once_per_seed_and_resumes(self):
+    written = []
+    results = experiments.run_study(self.base, self.root, [3], [0, 1],
+                                    self._train,
+                                    on_result=lambda: written.append(1))
+    self.assertLen(self.calls, 3 * 2)
+    self.assertLen(written, 6)
+    self.assertEqual(sorted(results), ["baseline", "baseline_clahe",
+                                       "mfmp_fce"])
+    self.assertEqual(
+        self.calls[0][1],
+        os.path.join(self.root, "runs", "baseline", "seed0"))
+    # Everything finished: a second study trains nothing and reads the same.
+    self.calls.clear()
+    again = experiments.run_study(self.base, self.root, [3], [0, 1],
+                                  self._train)
+    self.assertEmpty(self.calls)
+    self.assertEqual(again, results)
+    self.assertEqual(experiments.collect(self.root, ["baseline"], [0, 1]),
+                     {"baseline": results["baseline"]})
+
+  def test_unfinished_run_is_trained_again(self):
+    experiments.run_study(self.base, self.root, [3], [0], self._train)
+    path = os.path.join(experiments.run_dir(self.root, "mfmp_fce", 0),
+                        experiments.RESULTS_FILE)
+    with open(path) as f:
+      stale = json.load(f)
+    stale["step"] = 1  # evaluated before reaching num_train_steps
+    with open(path, "w") as f:
+      json.dump(stale, f)
+    self.calls.clear()
+    experiments.run_study(self.base, self.root, [3], [0], self._train)
+    self.assertEqual(self.calls,
+                     [(0, experiments.run_dir(self.root, "mfmp_fce", 0))])
+
+  def test_a_run_of_another_config_is_not_reused(self):
+    experiments.run_study(self.base, self.root, [3], [0], self._train)
+    changed = tiny.get_config()
+    changed.model.width_multiplier = 0.25
+    with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
+                                "width_multiplier"):
+      experiments.run_study(changed, self.root, [3], [0], self._train)
+
+
+if __name__ == "__main__":
+  absltest.main()
+
+
+class ScriptTest(absltest.TestCase):
+  """scripts/experiments.py end to end on synthetic_flare/tiny, 2 steps a run."""
+
+  def _run(self, *args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "experiments.py"),
+         "--config", os.path.join(ROOT, "configs", "tiny.py"),
+         "--workdir", self.root, *args], env=env, capture_output=True,
+        text=True, timeout=900, check=False)
+    self.assertEqual(done.returncode, 0, done.stdout[-3000:] + done.stderr[-3000:])
+    return done.stdout
+
+  def setUp(self):
+    super().setUp()
+    tmp = absltest.get_default_test_tmpdir()
+    self.root = os.path.join(tmp, "script_study")
+    self.data_dir = os.path.join(tmp, "script_tfds")
+    shutil.rmtree(self.root, ignore_errors=True)
+
+  def test_quick_dry_run_lists_table_2_with_one_seed(self):
+    out = self._run("--quick", "--dry_run")
+    lines = out.strip().splitlines()
+    self.assertLen(lines, 5)
+    self.assertTrue(all(" seed 0: " in line for line in lines))
+    self.assertFalse(os.path.exists(os.path.join(self.root, "runs")))
+
+  def test_table_3_with_masks_then_resume(self):
+    args = ("--tables=3", "--seeds=0", "--config.num_train_steps=2",
+            f"--config.data_dir={self.data_dir}")
+    self._run(*args)
+    with open(os.path.join(self.root, "results.md")) as f:
+      text = f.read()
+    self.assertIn("### Table 3", text)
+    for label in ("| Baseline | all (12) | 1 |", "| + CLAHE | all (12) | 1 |",
+                  "| + MFMP + FCE | all (12) | 1 |",
+                  "| MFMP + FCE | rgb | 1 |", "| MFMP + FCE | ni | 1 |"):
+      self.assertIn(label, text)
+    self.assertIn("3 runs trained", text)
+    with Image.open(os.path.join(self.root, "mask_figure.png")) as figure:
+      # image, ground truth, gt at map and the one mask variant of Table 3.
+      self.assertEqual(figure.size[0], 4 * (2 * 32 + 4) + 4)
+    with open(os.path.join(experiments.run_dir(self.root, "mfmp_fce", 0),
+                           "mask_quality.json")) as f:
+      self.assertBetween(json.load(f)["rgb"]["coverage_flare"], 0.0, 1.0)
+    # Everything finished: the rerun trains nothing and writes the same tables.
+    out = self._run(*args)
+    self.assertNotIn("training", out)
+    with open(os.path.join(self.root, "results.md")) as f:
+      self.assertEqual(f.read(), text)
