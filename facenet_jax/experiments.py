@@ -289,3 +289,19 @@ def results_markdown(tables: Sequence[int],
   parts = [header] if header else []
   parts += [table_markdown(TABLES[n], results) for n in tables]
   return "\n".join(parts)
+
+
+def modality_segments(embedding: np.ndarray,
+                      modalities: Sequence[str]) -> dict:
+  """Splits (N, M * D) [m_1 | ... | m_M] embeddings, each part L2-normalised.
+
+  The retrieval embedding concatenates the per-stream features; ranking with
+  one segment shows what that stream alone contributes.
+  """
+  embedding = np.asarray(embedding, np.float32)
+  if embedding.ndim != 2 or embedding.shape[1] % len(modalities):
+    raise ValueError(f"embedding (N, {len(modalities)} * D) expected, got "
+                     f"{embedding.shape}")
+  parts = np.split(embedding, len(modalities), axis=1)
+  return {m: p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+          for m, p in zip(modalities, parts)}

@@ -113,6 +113,18 @@ class AggregateTest(absltest.TestCase):
                      "54.5 / 60.5 |")
 
 
+class SegmentsTest(absltest.TestCase):
+
+  def test_segments_are_the_normalised_parts(self):
+    emb = np.array([[3.0, 4.0, 0.0, 2.0, 1.0, 0.0]])
+    parts = experiments.modality_segments(emb, ("rgb", "ni", "ti"))
+    np.testing.assert_allclose(parts["rgb"], [[0.6, 0.8]])
+    np.testing.assert_allclose(parts["ni"], [[0.0, 1.0]])
+    np.testing.assert_allclose(parts["ti"], [[1.0, 0.0]])
+    with self.assertRaisesRegex(ValueError, "3 \\* D"):
+      experiments.modality_segments(np.zeros((2, 5)), ("rgb", "ni", "ti"))
+
+
 class RunStudyTest(absltest.TestCase):
 
   def setUp(self):
@@ -182,10 +194,10 @@ if __name__ == "__main__":
 class ScriptTest(absltest.TestCase):
   """scripts/experiments.py end to end on synthetic_flare/tiny, 2 steps a run."""
 
-  def _run(self, *args):
+  def _run(self, *args, script="experiments.py"):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "experiments.py"),
+        [sys.executable, os.path.join(ROOT, "scripts", script),
          "--config", os.path.join(ROOT, "configs", "tiny.py"),
          "--workdir", self.root, *args], env=env, capture_output=True,
         text=True, timeout=900, check=False)
@@ -229,3 +241,22 @@ class ScriptTest(absltest.TestCase):
     self.assertNotIn("training", out)
     with open(os.path.join(self.root, "results.md")) as f:
       self.assertEqual(f.read(), text)
+    # Diagnostics of the finished runs: per-stream ranking, FCE off at test.
+    self._run("--variants=baseline,mfmp_fce", "--seeds=0",
+              f"--config.data_dir={self.data_dir}", "--config.num_train_steps=2",
+              script="diagnose_study.py")
+    with open(os.path.join(self.root, "diagnostics.md")) as f:
+      diagnostics = f.read()
+    for row in ("| baseline | full embedding | 1 |",
+                "| baseline | TI segment only | 1 |",
+                "| mfmp_fce | RGB segment only | 1 |",
+                "| mfmp_fce | FCE off at test | 1 |"):
+      self.assertIn(row, diagnostics)
+    self.assertNotIn("| baseline | FCE off at test", diagnostics)
+    # The full-embedding probe reproduces the run's own evaluation.
+    with open(os.path.join(experiments.run_dir(self.root, "baseline", 0),
+                           experiments.RESULTS_FILE)) as f:
+      evaluated = json.load(f)
+    self.assertIn(f"| baseline | full embedding | 1 | "
+                  f"{100 * evaluated['mAP']:.1f} ± 0.0 | "
+                  f"{100 * evaluated['rank1']:.1f} ± 0.0 |", diagnostics)

@@ -1,0 +1,135 @@
+"""Why does a variant rank as it does? Diagnostics of a finished study.
+
+  python scripts/diagnose_study.py --config configs/experiments.py \
+      --workdir /tmp/facenet_study
+
+For each finished run of the chosen variants (the same --config and
+--workdir as scripts/experiments.py), on the test split:
+  * per-stream retrieval: rank with the RGB, NI or TI segment of the
+    embedding alone, next to the full embedding;
+  * for variants with FCE, "FCE off at test": the same checkpoint evaluated
+    with every flare pseudo-label set to 0, so no sample's RGB/NI features
+    are replaced by TI features at test time (training is unchanged).
+These are measurements of the final checkpoints, not a model selection: the
+tables of scripts/experiments.py stay what is reported. The markdown goes to
+WORKDIR/diagnostics.md.
+"""
+
+import functools
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
+from facenet_jax import evaluation  # noqa: E402
+from facenet_jax import experiments  # noqa: E402
+from facenet_jax import train  # noqa: E402
+from facenet_jax.constants import MODALITIES  # noqa: E402
+from input_pipeline import pipeline  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "The study's base configuration.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The study directory.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", ["baseline", "mfmp_fce", "facenet"], "Variants to diagnose.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+DIAGNOSTICS_FILE = "diagnostics.md"
+
+
+def _embed(config, model, variables, split: str, fce_off: bool) -> dict:
+  """Test-split embeddings and metadata, optionally with all flare labels 0."""
+  data = train._split(config, split)  # pylint: disable=protected-access
+  mean, std = train._normalization(config)  # pylint: disable=protected-access
+  fn = jax.jit(functools.partial(train.embed_step, model=model,
+                                 flip_average=config.eval.flip_average))
+  out = {k: [] for k in ("embedding", "pid", "camid", "sceneid", "flare",
+                         "valid")}
+  for batch in pipeline.eval_batches(
+      data, batch_size=config.eval_batch_size,
+      input_size=tuple(config.input_size), mean=mean, std=std,
+      flare_threshold=config.flare.ratio_threshold):
+    inputs = {m: batch[m] for m in MODALITIES}
+    inputs["flare"] = np.zeros_like(batch["flare"]) if fce_off else batch[
+        "flare"]
+    out["embedding"].append(np.asarray(fn(variables, inputs)))
+    for key in out:
+      if key != "embedding":
+        out[key].append(batch[key])
+  result = {k: np.concatenate(v) for k, v in out.items()}
+  # The real pseudo-labels still define which queries count as flare.
+  return {k: v[result["valid"]] for k, v in result.items()}
+
+
+def _ranks(config, query, gallery) -> dict:
+  scenes = config.dataset in train.MSVR_SCENE_DATASETS
+  return evaluation.rank_report(query, gallery, config.eval.max_rank,
+                                use_scenes=scenes)
+
+
+def diagnose_run(config, workdir: str) -> dict:
+  """{probe name: rank_report} for one finished run."""
+  model, state, _ = train.restore_for_eval(config, workdir)
+  variables = {"params": train.to_host(state.params),
+               "batch_stats": train.to_host(state.batch_stats)}
+  split = {s: _embed(config, model, variables, s, False)
+           for s in ("query", "gallery")}
+  reports = {"full embedding": _ranks(config, split["query"],
+                                      split["gallery"])}
+  segments = {s: experiments.modality_segments(split[s]["embedding"],
+                                               MODALITIES) for s in split}
+  for m in MODALITIES:
+    reports[f"{m.upper()} segment only"] = _ranks(
+        config, {**split["query"], "embedding": segments["query"][m]},
+        {**split["gallery"], "embedding": segments["gallery"][m]})
+  if config.model.use_fce:
+    off = {s: _embed(config, model, variables, s, True) for s in split}
+    reports["FCE off at test"] = _ranks(config, off["query"], off["gallery"])
+  return reports
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  base, root = _CONFIG.value, _WORKDIR.value
+  seeds = [int(s) for s in _SEEDS.value]
+  rows = []
+  for variant in _VARIANTS.value:
+    per_probe: dict = {}
+    for seed in seeds:
+      config = experiments.variant_config(base, variant, seed)
+      workdir = experiments.run_dir(root, variant, seed)
+      if experiments.finished_results(workdir, config, None) is None:
+        continue
+      print(f"diagnosing {variant} seed {seed}", flush=True)
+      for probe, report in diagnose_run(config, workdir).items():
+        per_probe.setdefault(probe, {})[seed] = report
+    for probe, per_seed in per_probe.items():
+      cells = []
+      for subset in experiments.SUBSETS:
+        agg = experiments.aggregate(per_seed, subset)
+        cells += [f"{agg[k][0]:.1f} ± {agg[k][1]:.1f}" for k in ("mAP",
+                                                               "rank1")]
+      rows.append(f"| {variant} | {probe} | {len(per_seed)} | "
+                  + " | ".join(cells) + " |")
+  text = "\n".join([
+      "### Diagnostics (final checkpoints, test split; not used to select "
+      "anything)", "",
+      "| variant | probe | seeds | mAP | R-1 | flare mAP | flare R-1 | "
+      "clean mAP | clean R-1 |",
+      "|---|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""])
+  with open(os.path.join(root, DIAGNOSTICS_FILE), "w") as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
