@@ -27,6 +27,21 @@ RESUMABLE_FIELDS = ("num_epochs", "num_train_steps", "log_every_steps",
                     "data_dir", "manual_dir", "eval_batch_size")
 
 
+# Fields added after the first release, with the value that reproduces older
+# runs: a config.json without them is read as having these values.
+ADDED_FIELDS = {"preprocess": {"clahe": False, "clahe_clip_limit": 0.01}}
+
+
+def _with_added_fields(saved: dict) -> dict:
+  out = dict(saved)
+  for key, default in ADDED_FIELDS.items():
+    if isinstance(default, dict):
+      out[key] = {**default, **out.get(key, {})}
+    else:
+      out.setdefault(key, default)
+  return out
+
+
 class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the configuration or model it is restored into."""
 
@@ -76,7 +91,7 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
         json.dump(current, f, indent=2, sort_keys=True)
     return
   with open(path) as f:
-    saved = json.load(f)
+    saved = _with_added_fields(json.load(f))
   ignored = tuple(ignore)
   saved_flat, current_flat = flatten_config(saved), flatten_config(current)
   diffs = []
@@ -120,7 +135,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} not found: {workdir} is not a run "
                             "directory written by scripts/main.py")
   with open(path) as f:
-    saved = json.load(f)
+    saved = _with_added_fields(json.load(f))
   return ml_collections.ConfigDict(_tuples(saved))
 
 

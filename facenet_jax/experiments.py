@@ -8,7 +8,8 @@ and 5) are trained once per seed. Every run has its own workdir
 are skipped, an unfinished one resumes from its last checkpoint.
 
 Results are aggregated over seeds as mean +- sample standard deviation and
-written as markdown (`results_markdown`).
+written as markdown (`results_markdown`). A study run may not change its
+length or evaluation settings between invocations (STUDY_FIXED_FIELDS).
 """
 
 import dataclasses
@@ -82,6 +83,13 @@ TABLES: dict[int, Table] = {
         ("+ IC (FACENet)", "facenet", _PAPER_FACENET),
     )),
 }
+# Config fields a study run may not change between invocations: unlike a
+# single run (checkpointing.RESUMABLE_FIELDS), a study must not splice two LR
+# schedules into one run (num_epochs, num_train_steps) or reuse results made
+# with other evaluation settings (eval).
+STUDY_FIXED_FIELDS = ("num_epochs", "num_train_steps", "eval")
+STUDY_RESUMABLE_FIELDS = tuple(f for f in checkpointing.RESUMABLE_FIELDS
+                               if f not in STUDY_FIXED_FIELDS)
 METRICS = (("mAP", "mAP"), ("R-1", "rank1"), ("R-5", "rank5"),
            ("R-10", "rank10"))
 SUBSETS = ("all", "flare", "clean")
@@ -89,7 +97,7 @@ RESULTS_FILE = "eval_results.json"
 
 
 def parse_tables(numbers: Sequence) -> list[int]:
-  """Validates table numbers (e.g. from a flag) and returns them as ints."""
+  """Validates table numbers (e.g. from --tables) and returns them as ints."""
   out = []
   for n in numbers:
     try:
@@ -97,10 +105,24 @@ def parse_tables(numbers: Sequence) -> list[int]:
     except ValueError:
       number = -1
     if number not in TABLES:
-      raise ValueError(f"unknown table {n!r}; the study has tables "
+      raise ValueError(f"--tables: unknown table {n!r}; the study has tables "
                        f"{sorted(TABLES)}")
+    if number in out:
+      raise ValueError(f"--tables: table {number} is listed twice")
     out.append(number)
   return out
+
+
+def parse_seeds(values: Sequence) -> list[int]:
+  """Validates seeds (e.g. from --seeds): distinct non-negative integers."""
+  try:
+    seeds = [int(v) for v in values]
+  except ValueError as e:
+    raise ValueError(f"--seeds must be integers, got {list(values)}") from e
+  if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    raise ValueError(f"--seeds must be distinct non-negative integers, got "
+                     f"{list(values)}")
+  return seeds
 
 
 def variants_of(tables: Sequence[int]) -> list[str]:
@@ -135,38 +157,50 @@ def run_dir(root: str, variant: str, seed: int) -> str:
   return os.path.join(root, "runs", variant, f"seed{seed}")
 
 
-def finished_results(workdir: str, config: ml_collections.ConfigDict,
-                     total_steps: Optional[int]) -> Optional[dict]:
-  """The run's eval results if it finished with this config, else None.
-
-  Args:
-    workdir: the run directory.
-    config: the config the run must have been trained with.
-    total_steps: the step the run must have reached; None to accept any.
+def check_run(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses a run directory started with another config (if it has one).
 
   Raises:
-    CheckpointMismatchError: the workdir was trained with another config.
+    CheckpointMismatchError: naming the differing fields, including the run
+      length and evaluation settings (STUDY_FIXED_FIELDS).
   """
-  path = os.path.join(workdir, RESULTS_FILE)
-  if not os.path.exists(path):
-    return None
-  checkpointing.check_config(workdir, config, has_state=True, write=False)
-  with open(path) as f:
-    results = json.load(f)
-  if total_steps is not None and results.get("step") != total_steps:
-    return None
-  return results
+  checkpointing.check_config(workdir, config, has_state=True, write=False,
+                             ignore=STUDY_RESUMABLE_FIELDS)
 
 
-def _expected_steps(workdir: str, config: ml_collections.ConfigDict
-                    ) -> Optional[int]:
+def expected_steps(workdir: str,
+                   config: ml_collections.ConfigDict) -> Optional[int]:
+  """The step a finished run reached; None if not yet known (no run_info)."""
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
   try:
     info = checkpointing.read_run_info(workdir)
-  except (FileNotFoundError, ValueError):
+  except FileNotFoundError:
     return None
   return int(config.num_epochs * info["steps_per_epoch"])
+
+
+def finished_results(workdir: str,
+                     config: ml_collections.ConfigDict) -> Optional[dict]:
+  """The run's eval results if it finished training with this config.
+
+  A run counts as finished when its config.json matches `config` and its
+  eval_results.json is of the final step; anything else (no results, no
+  config.json, an evaluation of an earlier step) is unfinished.
+
+  Raises:
+    CheckpointMismatchError: the workdir was started with another config.
+  """
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not (os.path.exists(path) and
+          os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE))):
+    return None
+  check_run(workdir, config)
+  with open(path) as f:
+    results = json.load(f)
+  if results.get("step") != expected_steps(workdir, config):
+    return None
+  return results
 
 
 def run_study(base: ml_collections.ConfigDict, root: str, tables: Sequence[int],
@@ -194,7 +228,8 @@ def run_study(base: ml_collections.ConfigDict, root: str, tables: Sequence[int],
   for i, (variant, seed) in enumerate(plan, 1):
     config = variant_config(base, variant, seed)
     workdir = run_dir(root, variant, seed)
-    done = finished_results(workdir, config, _expected_steps(workdir, config))
+    check_run(workdir, config)
+    done = finished_results(workdir, config)
     if done is not None:
       logging.info("[%d/%d] %s seed %d: finished earlier, mAP %.1f", i,
                    len(plan), variant, seed, 100 * done["mAP"])
@@ -217,16 +252,16 @@ def run_study(base: ml_collections.ConfigDict, root: str, tables: Sequence[int],
   return results
 
 
-def collect(root: str, variants: Sequence[str],
-            seeds: Sequence[int]) -> dict:
-  """{variant: {seed: results}} of the runs under root that have results."""
+def collect(base: ml_collections.ConfigDict, root: str,
+            variants: Sequence[str], seeds: Sequence[int]) -> dict:
+  """{variant: {seed: results}} of the finished runs under root."""
   out = {}
   for variant in variants:
     for seed in seeds:
-      path = os.path.join(run_dir(root, variant, seed), RESULTS_FILE)
-      if os.path.exists(path):
-        with open(path) as f:
-          out.setdefault(variant, {})[seed] = json.load(f)
+      results = finished_results(run_dir(root, variant, seed),
+                                 variant_config(base, variant, seed))
+      if results is not None:
+        out.setdefault(variant, {})[seed] = results
   return out
 
 
@@ -234,31 +269,39 @@ def _subset(results: dict, subset: str) -> Optional[dict]:
   return results if subset == "all" else results.get(subset)
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample std (ddof=1); std is NaN for one value, both for none."""
+  values = np.asarray(values, np.float64)
+  if not values.size:
+    return float("nan"), float("nan")
+  std = float(values.std(ddof=1)) if values.size > 1 else float("nan")
+  return float(values.mean()), std
+
+
+def cell(mean_and_std: tuple[float, float]) -> str:
+  """"m ± s"; just "m" when s is undefined (one seed); "-" without data."""
+  mean, std = mean_and_std
+  if np.isnan(mean):
+    return "-"
+  return f"{mean:.1f}" if np.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+
+
 def aggregate(per_seed: Mapping[int, dict], subset: str) -> dict:
-  """Mean, sample std (ddof=1; 0 for one seed) and n of each metric, in %.
+  """Mean and sample std over seeds of each metric, in %.
+
+  Seeds whose subset has no metrics (no such queries, or none with a true
+  match) are left out.
 
   Returns:
     {metric key: (mean, std)} plus "n" (seeds) and "num_query" (queries of
     the subset in the first seed; the split is the same for every seed).
   """
   rows = [_subset(r, subset) for r in per_seed.values()]
-  rows = [r for r in rows if r]
+  rows = [r for r in rows if r and "mAP" in r]
   out = {"n": len(rows), "num_query": rows[0]["num_query"] if rows else 0}
   for _, key in METRICS:
-    values = 100.0 * np.array([r[key] for r in rows], np.float64)
-    if not values.size:
-      out[key] = (float("nan"), float("nan"))
-      continue
-    std = float(values.std(ddof=1)) if values.size > 1 else 0.0
-    out[key] = (float(values.mean()), std)
+    out[key] = mean_std([100.0 * r[key] for r in rows])
   return out
-
-
-def _cell(mean_std: tuple[float, float]) -> str:
-  mean, std = mean_std
-  if np.isnan(mean):
-    return "-"
-  return f"{mean:.1f} ± {std:.1f}"
 
 
 def table_markdown(table: Table, results: Mapping[str, Mapping[int, dict]]
@@ -273,7 +316,7 @@ def table_markdown(table: Table, results: Mapping[str, Mapping[int, dict]]
     per_seed = results.get(variant, {})
     for j, subset in enumerate(SUBSETS):
       agg = aggregate(per_seed, subset)
-      cells = [_cell(agg[key]) for _, key in METRICS]
+      cells = [cell(agg[key]) for _, key in METRICS]
       first = label if j == 0 else ""
       ref = f"{paper[0]:.1f} / {paper[1]:.1f}" if j == 0 else ""
       queries = f"{subset} ({agg['num_query']})" if agg["n"] else subset

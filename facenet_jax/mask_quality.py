@@ -143,6 +143,8 @@ def predict_masks(model, variables, images: Mapping[str, np.ndarray],
   """
   if not model.use_mfmp:
     raise ValueError("the model has no MFMP, so it predicts no masks")
+  if not len(flare):
+    raise ValueError("predict_masks got no images")
   fn = jax.jit(lambda v, x, f: model.apply(v, x, f, train=False).masks)
   n = len(flare)
   out = {m: [] for m in FLARE_MODALITIES}

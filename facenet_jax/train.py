@@ -271,7 +271,9 @@ def load_pretrained(state: TrainState, path: str, depth: int,
 # --- Data ----------------------------------------------------------------------
 
 
-def _split(config: ml_collections.ConfigDict, split: str) -> pipeline.SplitData:
+def split_data(config: ml_collections.ConfigDict,
+               split: str) -> pipeline.SplitData:
+  """The split as the model sees it: loaded, then CLAHE'd if configured."""
   data = pipeline.load_split(
       config.dataset, split, builder_config=config.dataset_config,
       data_dir=config.data_dir or None, manual_dir=config.manual_dir or None)
@@ -280,7 +282,8 @@ def _split(config: ml_collections.ConfigDict, split: str) -> pipeline.SplitData:
   return data
 
 
-def _normalization(config):
+def normalization(config: ml_collections.ConfigDict):
+  """Per-modality (mean, std), each float32 (3, 3) in [RGB, NI, TI] order."""
   return (np.asarray(config.normalization.mean, np.float32),
           np.asarray(config.normalization.std, np.float32))
 
@@ -332,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
   checkpointing.check_config(workdir, config,
                              has_state=ckpt.latest_step() is not None)
-  train_data = _split(config, "train")
+  train_data = split_data(config, "train")
   labels = pipeline.train_label_map(train_data)
   num_classes = len(labels)
   spe = pipeline.steps_per_epoch(train_data, config.ids_per_batch,
@@ -374,7 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   step_fn = compile_train_step(model, optimizer, loss_config(config), schedule,
                                sharding)
-  mean, std = _normalization(config)
+  mean, std = normalization(config)
   batches = pipeline.train_batches(
       train_data, ids_per_batch=config.ids_per_batch,
       instances_per_id=config.instances_per_id,
@@ -472,8 +475,8 @@ def _check_finite(state: TrainState, step: int, last_saved: int,
 def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
             split: str, sharding: Sharding) -> dict:
   """Embeddings and metadata of one split, every example exactly once."""
-  data = _split(config, split)
-  mean, std = _normalization(config)
+  data = split_data(config, split)
+  mean, std = normalization(config)
   embed = functools.partial(embed_step, model=model,
                             flip_average=config.eval.flip_average)
   # The metadata goes through the same jit with replicated outputs: that is

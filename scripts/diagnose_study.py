@@ -47,8 +47,8 @@ DIAGNOSTICS_FILE = "diagnostics.md"
 
 def _embed(config, model, variables, split: str, fce_off: bool) -> dict:
   """Test-split embeddings and metadata, optionally with all flare labels 0."""
-  data = train._split(config, split)  # pylint: disable=protected-access
-  mean, std = train._normalization(config)  # pylint: disable=protected-access
+  data = train.split_data(config, split)
+  mean, std = train.normalization(config)
   fn = jax.jit(functools.partial(train.embed_step, model=model,
                                  flip_average=config.eval.flip_average))
   out = {k: [] for k in ("embedding", "pid", "camid", "sceneid", "flare",
@@ -100,14 +100,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   base, root = _CONFIG.value, _WORKDIR.value
-  seeds = [int(s) for s in _SEEDS.value]
+  try:
+    seeds = experiments.parse_seeds(_SEEDS.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  unknown = [v for v in _VARIANTS.value if v not in experiments.VARIANTS]
+  if unknown:
+    raise app.UsageError(f"--variants: unknown {unknown}; known: "
+                         f"{sorted(experiments.VARIANTS)}")
   rows = []
   for variant in _VARIANTS.value:
     per_probe: dict = {}
     for seed in seeds:
       config = experiments.variant_config(base, variant, seed)
       workdir = experiments.run_dir(root, variant, seed)
-      if experiments.finished_results(workdir, config, None) is None:
+      if experiments.finished_results(workdir, config) is None:
         continue
       print(f"diagnosing {variant} seed {seed}", flush=True)
       for probe, report in diagnose_run(config, workdir).items():
@@ -116,8 +123,7 @@ def main(argv):
       cells = []
       for subset in experiments.SUBSETS:
         agg = experiments.aggregate(per_seed, subset)
-        cells += [f"{agg[k][0]:.1f} ± {agg[k][1]:.1f}" for k in ("mAP",
-                                                               "rank1")]
+        cells += [experiments.cell(agg[k]) for k in ("mAP", "rank1")]
       rows.append(f"| {variant} | {probe} | {len(per_seed)} | "
                   + " | ".join(cells) + " |")
   text = "\n".join([

@@ -68,12 +68,9 @@ WALL_TIME_FILE = "wall_time.json"
 
 def _seeds() -> list[int]:
   try:
-    seeds = [int(s) for s in _SEEDS.value]
+    seeds = experiments.parse_seeds(_SEEDS.value)
   except ValueError as e:
-    raise app.UsageError(f"--seeds must be integers, got {_SEEDS.value}") from e
-  if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-    raise app.UsageError(f"--seeds must be distinct non-negative integers, "
-                         f"got {_SEEDS.value}")
+    raise app.UsageError(str(e)) from e
   return seeds[:1] if _QUICK.value else seeds
 
 
@@ -113,7 +110,8 @@ def _header(config, tables, seeds, root) -> str:
       "over seeds, in %. \"paper\" is ResNet50 on WMVeID863.",
       f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, JAX "
       f"{jax.__version__} on {jax.devices()[0].platform}; {len(seconds)} "
-      f"runs trained and evaluated in {sum(seconds) / 60:.1f} min.", ""])
+      f"runs trained and evaluated in {sum(seconds) / 60:.1f} min (a resumed "
+      "run counts its last invocation only).", ""])
 
 
 def _mask_section(config, root, seeds, variants) -> str:
@@ -135,7 +133,7 @@ def _mask_section(config, root, seeds, variants) -> str:
     for seed in seeds:
       workdir = experiments.run_dir(root, variant, seed)
       cfg = experiments.variant_config(config, variant, seed)
-      if experiments.finished_results(workdir, cfg, None) is None:
+      if experiments.finished_results(workdir, cfg) is None:
         continue
       scores = mask_quality.score_run(cfg, workdir, data, _MIN_FRACTION.value)
       per_seed.append(scores)
@@ -146,11 +144,10 @@ def _mask_section(config, root, seeds, variants) -> str:
     for m in ("rgb", "ni"):
       if not per_seed:
         continue
-      cells = []
-      for key in ("iou", "iou_all_ones", "coverage_flare", "coverage_clean"):
-        values = 100 * np.array([s[m][key] for s in per_seed])
-        std = values.std(ddof=1) if len(values) > 1 else 0.0
-        cells.append(f"{values.mean():.1f} ± {std:.1f}")
+      cells = [experiments.cell(experiments.mean_std(
+          [100 * s[m][key] for s in per_seed if not np.isnan(s[m][key])]))
+               for key in ("iou", "iou_all_ones", "coverage_flare",
+                           "coverage_clean")]
       first = per_seed[0][m]
       rows.append(f"| {label} | {m} | {len(per_seed)} | {' | '.join(cells)} "
                   f"| {first['num_flare']} / {first['num_clean']} |")
@@ -168,7 +165,8 @@ def _mask_section(config, root, seeds, variants) -> str:
       "| Model | modality | seeds | IoU | all-ones IoU | coverage, flare "
       "images | coverage, flare-free images | images (flare / flare-free) |",
       "|---|---|---:|---:|---:|---:|---:|---:|", *rows,
-      "", f"Figure: [{FIGURE_FILE}]({FIGURE_FILE}) (first seed).", ""])
+      "", f"Figure: [{FIGURE_FILE}]({FIGURE_FILE}) (the first seed with a "
+      "finished run).", ""])
 
 
 def _write_figure(root, data, figure_masks) -> None:
@@ -195,7 +193,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   root = _WORKDIR.value
-  tables = [2] if _QUICK.value else experiments.parse_tables(_TABLES.value)
+  try:
+    tables = [2] if _QUICK.value else experiments.parse_tables(_TABLES.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   seeds = _seeds()
   variants = experiments.variants_of(tables)
   if _DRY_RUN.value:
@@ -213,7 +214,7 @@ def main(argv):
 
   def write_tables(extra: str = "") -> None:
     text = experiments.results_markdown(
-        tables, experiments.collect(root, variants, seeds),
+        tables, experiments.collect(config, root, variants, seeds),
         _header(config, tables, seeds, root))
     with open(results_path, "w") as f:
       f.write(text + ("\n" + extra if extra else ""))

@@ -159,11 +159,11 @@ class EndToEndTest(absltest.TestCase):
   def test_clahe_reaches_training_and_inference_alike(self):
     config = _config(self.data_dir)
     config.preprocess.clahe = True
-    data = train._split(config, "query")  # pylint: disable=protected-access
-    plain = train._split(_config(self.data_dir), "query")  # pylint: disable=protected-access
+    data = train.split_data(config, "query")
+    plain = train.split_data(_config(self.data_dir), "query")
     self.assertNotEqual(data.rgb[0], plain.rgb[0])
     self.assertEqual(data.ti[0], plain.ti[0])
-    mean, std = train._normalization(config)  # pylint: disable=protected-access
+    mean, std = train.normalization(config)
     batch = next(pipeline.eval_batches(
         data, batch_size=4, input_size=config.input_size, mean=mean, std=std,
         flare_threshold=config.flare.ratio_threshold))

@@ -71,9 +71,15 @@ class VariantsTest(absltest.TestCase):
     base = tiny.get_config()
     with self.assertRaisesRegex(ValueError, "unknown variant 'nope'"):
       experiments.variant_config(base, "nope", 0)
-    with self.assertRaisesRegex(ValueError, "unknown table '9'"):
+    with self.assertRaisesRegex(ValueError, "--tables: unknown table '9'"):
       experiments.parse_tables(["2", "9"])
+    with self.assertRaisesRegex(ValueError, "table 2 is listed twice"):
+      experiments.parse_tables(["2", "2"])
     self.assertEqual(experiments.parse_tables(["5", "2"]), [5, 2])
+    self.assertEqual(experiments.parse_seeds(["2", "0"]), [2, 0])
+    for bad in (["a"], ["1", "1"], ["-1"], []):
+      with self.assertRaisesRegex(ValueError, "--seeds"):
+        experiments.parse_seeds(bad)
 
 
 class AggregateTest(absltest.TestCase):
@@ -90,9 +96,20 @@ class AggregateTest(absltest.TestCase):
     self.assertAlmostEqual(flare["mAP"][0], 5.0)
     self.assertEqual(flare["num_query"], 4)
 
-  def test_one_seed_has_zero_std_and_none_is_nan(self):
+  def test_subsets_without_metrics_are_left_out(self):
+    runs = {0: _fake_results(0, 3), 1: _fake_results(1, 3)}
+    runs[1]["flare"] = {"num_query": 0}
+    runs[0]["clean"] = {"num_query": 6, "note": "No query has a true match."}
+    self.assertEqual(experiments.aggregate(runs, "flare")["n"], 1)
+    self.assertEqual(experiments.aggregate(runs, "clean")["n"], 1)
+
+  def test_one_seed_has_no_std_and_none_is_nan(self):
     agg = experiments.aggregate({0: _fake_results(0, 3)}, "clean")
-    self.assertEqual(agg["mAP"], (10.0, 0.0))
+    self.assertEqual(agg["mAP"][0], 10.0)
+    self.assertTrue(np.isnan(agg["mAP"][1]))
+    self.assertEqual(experiments.cell(agg["mAP"]), "10.0")
+    self.assertEqual(experiments.cell(experiments.mean_std([1.0, 2.0])),
+                     "1.5 ± 0.7")
     empty = experiments.aggregate({}, "all")
     self.assertEqual(empty["n"], 0)
     self.assertTrue(np.isnan(empty["mAP"][0]))
@@ -161,7 +178,8 @@ class RunStudyTest(absltest.TestCase):
                                   self._train)
     self.assertEmpty(self.calls)
     self.assertEqual(again, results)
-    self.assertEqual(experiments.collect(self.root, ["baseline"], [0, 1]),
+    self.assertEqual(experiments.collect(self.base, self.root, ["baseline"],
+                                         [0, 1]),
                      {"baseline": results["baseline"]})
 
   def test_unfinished_run_is_trained_again(self):
@@ -177,6 +195,15 @@ class RunStudyTest(absltest.TestCase):
     experiments.run_study(self.base, self.root, [3], [0], self._train)
     self.assertEqual(self.calls,
                      [(0, experiments.run_dir(self.root, "mfmp_fce", 0))])
+
+  def test_a_longer_study_does_not_extend_finished_runs(self):
+    # Resuming with a new num_train_steps would splice two LR schedules.
+    experiments.run_study(self.base, self.root, [3], [0], self._train)
+    longer = tiny.get_config()
+    longer.num_train_steps = 8
+    with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
+                                "num_train_steps"):
+      experiments.run_study(longer, self.root, [3], [0], self._train)
 
   def test_a_run_of_another_config_is_not_reused(self):
     experiments.run_study(self.base, self.root, [3], [0], self._train)
@@ -258,5 +285,5 @@ class ScriptTest(absltest.TestCase):
                            experiments.RESULTS_FILE)) as f:
       evaluated = json.load(f)
     self.assertIn(f"| baseline | full embedding | 1 | "
-                  f"{100 * evaluated['mAP']:.1f} ± 0.0 | "
-                  f"{100 * evaluated['rank1']:.1f} ± 0.0 |", diagnostics)
+                  f"{100 * evaluated['mAP']:.1f} | "
+                  f"{100 * evaluated['rank1']:.1f} |", diagnostics)

@@ -1,6 +1,9 @@
 """Trainer pieces: data-parallel equivalence, schedules, config mapping."""
 
 import functools
+import json
+import os
+import tempfile
 
 from absl.testing import absltest
 import jax
@@ -8,6 +11,7 @@ import numpy as np
 import optax
 
 from configs import tiny
+from facenet_jax import checkpointing
 from facenet_jax import train
 from facenet_jax.constants import MODALITIES
 
@@ -165,6 +169,23 @@ class ConfigMappingTest(absltest.TestCase):
     self.assertTrue(np.all(np.asarray(updates["kernel"]) < 0))
     np.testing.assert_array_equal(updates["scale"], 0.0)
     np.testing.assert_array_equal(updates["threshold"], 0.0)
+
+
+class OlderRunDirectoryTest(absltest.TestCase):
+
+  def test_config_json_without_later_fields_still_matches(self):
+    workdir = tempfile.mkdtemp()
+    config = tiny.get_config()
+    saved = checkpointing.config_to_dict(config)
+    del saved["preprocess"]  # written before CLAHE existed
+    with open(os.path.join(workdir, checkpointing.CONFIG_FILE), "w") as f:
+      json.dump(saved, f)
+    checkpointing.check_config(workdir, config, has_state=True, write=False)
+    self.assertFalse(checkpointing.load_config(workdir).preprocess.clahe)
+    config.preprocess.clahe = True
+    with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
+                                "preprocess.clahe"):
+      checkpointing.check_config(workdir, config, has_state=True, write=False)
 
 
 if __name__ == "__main__":
