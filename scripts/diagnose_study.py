@@ -38,7 +38,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The study's base configuration.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The study directory.")
 _VARIANTS = flags.DEFINE_list(
-    "variants", ["baseline", "mfmp_fce", "facenet"], "Variants to diagnose.")
+    "variants", ["baseline", "mfmp", "mfmp_fce", "facenet"],
+    "Variants to diagnose.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 flags.mark_flags_as_required(["config", "workdir"])
 
