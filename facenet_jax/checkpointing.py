@@ -27,19 +27,14 @@ RESUMABLE_FIELDS = ("num_epochs", "num_train_steps", "log_every_steps",
                     "data_dir", "manual_dir", "eval_batch_size")
 
 
-# Fields added after the first release, with the value that reproduces older
-# runs: a config.json without them is read as having these values.
-ADDED_FIELDS = {"preprocess": {"clahe": False, "clahe_clip_limit": 0.01}}
+# Config sections added after the first release, with the values that
+# reproduce older runs: a config.json without them is read as having these.
+ADDED_SECTIONS = {"preprocess": {"clahe": False, "clahe_clip_limit": 0.01}}
 
 
 def _with_added_fields(saved: dict) -> dict:
-  out = dict(saved)
-  for key, default in ADDED_FIELDS.items():
-    if isinstance(default, dict):
-      out[key] = {**default, **out.get(key, {})}
-    else:
-      out.setdefault(key, default)
-  return out
+  return {**saved, **{key: {**default, **saved.get(key, {})}
+                      for key, default in ADDED_SECTIONS.items()}}
 
 
 class CheckpointMismatchError(ValueError):

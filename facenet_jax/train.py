@@ -473,15 +473,25 @@ def _check_finite(state: TrainState, step: int, last_saved: int,
 
 
 def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
-            split: str, sharding: Sharding) -> dict:
-  """Embeddings and metadata of one split, every example exactly once."""
+            split: str, sharding: Sharding, zero_flare: bool = False) -> dict:
+  """Embeddings and metadata of one split, every example exactly once.
+
+  zero_flare feeds the model flare pseudo-labels of 0, so that FCE replaces
+  nothing (a diagnostic); the returned "flare" metadata stays the real labels.
+  """
   data = split_data(config, split)
   mean, std = normalization(config)
   embed = functools.partial(embed_step, model=model,
                             flip_average=config.eval.flip_average)
+
+  def embed_batch(v, b):
+    inputs = {**b, "flare": jnp.zeros_like(b["flare"])} if zero_flare else b
+    return embed(v, inputs)
+
   # The metadata goes through the same jit with replicated outputs: that is
   # the all-gather that gives every process every example on multiple hosts.
-  fn = jax.jit(lambda v, b: (embed(v, b), {k: b[k] for k in EVAL_METADATA}),
+  fn = jax.jit(lambda v, b: (embed_batch(v, b),
+                             {k: b[k] for k in EVAL_METADATA}),
                in_shardings=(sharding.replicated, sharding.data),
                out_shardings=sharding.replicated)
   # Round the batch up to a multiple of the devices; padding is masked out.
@@ -505,6 +515,15 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
   return {k: v[order] for k, v in result.items()}
 
 
+def rank(config: ml_collections.ConfigDict, query: dict,
+         gallery: dict) -> dict:
+  """evaluation.rank_report with the dataset's protocol and eval settings."""
+  return evaluation.rank_report(
+      query, gallery, max_rank=config.eval.max_rank,
+      use_scenes=config.dataset in MSVR_SCENE_DATASETS,
+      rerank=config.eval.rerank)
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str, model: FACENet,
              state: TrainState, sharding: Sharding) -> dict:
   """Ranks the gallery for every query and writes WORKDIR/eval_results.json."""
@@ -512,10 +531,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: FACENet,
   start = time.time()
   query = extract(config, model, variables, "query", sharding)
   gallery = extract(config, model, variables, "gallery", sharding)
-  scenes = config.dataset in MSVR_SCENE_DATASETS
-  results = evaluation.rank_report(
-      query, gallery, max_rank=config.eval.max_rank, use_scenes=scenes,
-      rerank=config.eval.rerank)
+  results = rank(config, query, gallery)
   results["step"] = int(to_host(state.step))
   results["dataset"] = config.dataset
   logging.info("Evaluated step %d in %.1fs: %s", results["step"],

@@ -15,7 +15,6 @@ tables of scripts/experiments.py stay what is reported. The markdown goes to
 WORKDIR/diagnostics.md.
 """
 
-import functools
 import os
 import sys
 
@@ -25,14 +24,10 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
-from facenet_jax import evaluation  # noqa: E402
 from facenet_jax import experiments  # noqa: E402
 from facenet_jax import train  # noqa: E402
 from facenet_jax.constants import MODALITIES  # noqa: E402
-from input_pipeline import pipeline  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The study's base configuration.", lock_config=True)
@@ -46,54 +41,25 @@ flags.mark_flags_as_required(["config", "workdir"])
 DIAGNOSTICS_FILE = "diagnostics.md"
 
 
-def _embed(config, model, variables, split: str, fce_off: bool) -> dict:
-  """Test-split embeddings and metadata, optionally with all flare labels 0."""
-  data = train.split_data(config, split)
-  mean, std = train.normalization(config)
-  fn = jax.jit(functools.partial(train.embed_step, model=model,
-                                 flip_average=config.eval.flip_average))
-  out = {k: [] for k in ("embedding", "pid", "camid", "sceneid", "flare",
-                         "valid")}
-  for batch in pipeline.eval_batches(
-      data, batch_size=config.eval_batch_size,
-      input_size=tuple(config.input_size), mean=mean, std=std,
-      flare_threshold=config.flare.ratio_threshold):
-    inputs = {m: batch[m] for m in MODALITIES}
-    inputs["flare"] = np.zeros_like(batch["flare"]) if fce_off else batch[
-        "flare"]
-    out["embedding"].append(np.asarray(fn(variables, inputs)))
-    for key in out:
-      if key != "embedding":
-        out[key].append(batch[key])
-  result = {k: np.concatenate(v) for k, v in out.items()}
-  # The real pseudo-labels still define which queries count as flare.
-  return {k: v[result["valid"]] for k, v in result.items()}
-
-
-def _ranks(config, query, gallery) -> dict:
-  scenes = config.dataset in train.MSVR_SCENE_DATASETS
-  return evaluation.rank_report(query, gallery, config.eval.max_rank,
-                                use_scenes=scenes)
-
-
 def diagnose_run(config, workdir: str) -> dict:
   """{probe name: rank_report} for one finished run."""
-  model, state, _ = train.restore_for_eval(config, workdir)
-  variables = {"params": train.to_host(state.params),
-               "batch_stats": train.to_host(state.batch_stats)}
-  split = {s: _embed(config, model, variables, s, False)
+  model, state, sharding = train.restore_for_eval(config, workdir)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  split = {s: train.extract(config, model, variables, s, sharding)
            for s in ("query", "gallery")}
-  reports = {"full embedding": _ranks(config, split["query"],
-                                      split["gallery"])}
+  reports = {"full embedding": train.rank(config, split["query"],
+                                          split["gallery"])}
   segments = {s: experiments.modality_segments(split[s]["embedding"],
                                                MODALITIES) for s in split}
   for m in MODALITIES:
-    reports[f"{m.upper()} segment only"] = _ranks(
+    reports[f"{m.upper()} segment only"] = train.rank(
         config, {**split["query"], "embedding": segments["query"][m]},
         {**split["gallery"], "embedding": segments["gallery"][m]})
   if config.model.use_fce:
-    off = {s: _embed(config, model, variables, s, True) for s in split}
-    reports["FCE off at test"] = _ranks(config, off["query"], off["gallery"])
+    off = {s: train.extract(config, model, variables, s, sharding,
+                            zero_flare=True) for s in split}
+    reports["FCE off at test"] = train.rank(config, off["query"],
+                                            off["gallery"])
   return reports
 
 
