@@ -11,7 +11,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from configs import tiny
 import dataset_fixtures as fx
+from facenet_jax import train
+from input_pipeline import pipeline
 from input_pipeline.datasets import features
 from input_pipeline.datasets import layout
 from input_pipeline.datasets import msvr310
@@ -79,6 +82,35 @@ def test_splits_hold_the_expected_samples_and_labels(built):
            for f, ex in examples[split].items()}
     assert got == expected, split
     assert builder.info.splits[split].num_examples == len(expected)
+
+
+def test_no_val_splits_of_their_own_but_carved_from_train(built):
+  name, builder, samples, _ = built
+  assert set(builder.info.splits) == set(features.SPLITS)
+  config = tiny.get_config()
+  config.dataset, config.dataset_config = name, "strict"
+  # builder.data_dir is DATA_DIR/<name>/strict/<version>.
+  config.data_dir = str(pathlib.Path(builder.data_dir).parents[2])
+  config.eval.split = "val"
+  with pytest.raises(pipeline.MissingSplitError, match="config.val_ids"):
+    train.split_data(config, "val_query")
+  config.val_ids = 1
+  carved = {s: train.split_data(config, s)
+            for s in ("train", "val_query", "val_gallery")}
+  train_pids = {s.pid for s in samples if s.split == "train"}
+  held = set(carved["val_query"].pid.tolist())
+  assert len(held) == 1 and held < train_pids
+  assert set(carved["train"].pid.tolist()) == train_pids - held
+  held_samples = {s.file: s for s in samples
+                  if s.split == "train" and s.pid in held}
+  query = carved["val_query"]
+  assert len(query.file) == len({s.camid for s in held_samples.values()})
+  assert sorted(np.concatenate([query.file, carved["val_gallery"].file])) == (
+      sorted(held_samples))
+  for file, camid, sceneid in zip(query.file, query.camid, query.sceneid):
+    # Cameras and scenes (MSVR310) travel with the examples.
+    assert (held_samples[file].camid, held_samples[file].sceneid) == (
+        camid, sceneid)
 
 
 def test_each_modality_is_the_file_with_the_same_name(built):

@@ -1,6 +1,7 @@
 """Tests of the synthetic_flare TFDS builder and its NumPy renderer."""
 
 import dataclasses
+import hashlib
 import re
 
 import numpy as np
@@ -38,25 +39,102 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_examples(tiny):
-  return {split: _load(tiny, split) for split in features.SPLITS}
+  return {split: _load(tiny, split) for split in synthetic_flare.SPLITS}
 
 
 def test_split_counts_and_identities(tiny, tiny_examples):
-  for split in features.SPLITS:
+  assert set(tiny.info.splits) == set(synthetic_flare.SPLITS)
+  for split in synthetic_flare.SPLITS:
     planned = synthetic_flare.plan_split(_TINY, split)
     assert tiny.info.splits[split].num_examples == len(planned) > 0
     assert set(tiny_examples[split]) == {p.file for p in planned}
-  pids = {s: {int(e["pid"]) for e in tiny_examples[s].values()} for s in features.SPLITS}
+  pids = {s: {int(e["pid"]) for e in tiny_examples[s].values()}
+          for s in synthetic_flare.SPLITS}
   assert len(pids["train"]) == _TINY.num_train_ids
-  assert len(pids["query"]) == _TINY.num_test_ids
   assert not pids["train"] & (pids["query"] | pids["gallery"])
-  assert pids["query"] == pids["gallery"]
-  gallery = [(int(e["pid"]), int(e["camid"])) for e in tiny_examples["gallery"].values()]
-  queries = [(int(e["pid"]), int(e["camid"])) for e in tiny_examples["query"].values()]
-  assert len(queries) == _TINY.num_test_ids * _TINY.query_cameras
-  assert len(set(queries)) == len(queries)  # One query per (id, camera).
-  for pid, camid in queries:  # A match from another camera survives the protocol.
-    assert any(g_pid == pid and g_cam != camid for g_pid, g_cam in gallery)
+  # Validation identities: disjoint from train and from test.
+  assert not pids["val_query"] & (pids["train"] | pids["query"])
+  assert min(pids["val_query"]) == synthetic_flare.VAL_PID_OFFSET
+  for query, gallery, num_ids in (("query", "gallery", _TINY.num_test_ids),
+                                  ("val_query", "val_gallery", _TINY.num_val_ids)):
+    assert len(pids[query]) == num_ids
+    assert pids[query] == pids[gallery]
+    g = [(int(e["pid"]), int(e["camid"])) for e in tiny_examples[gallery].values()]
+    q = [(int(e["pid"]), int(e["camid"])) for e in tiny_examples[query].values()]
+    assert len(q) == num_ids * _TINY.query_cameras
+    assert len(set(q)) == len(q)  # One query per (id, camera).
+    for pid, camid in q:  # A match from another camera survives the protocol.
+      assert any(g_pid == pid and g_cam != camid for g_pid, g_cam in g)
+
+
+def _plan_1_0_0(config, split):
+  """plan_split as version 1.0.0 wrote it (train, query and gallery only)."""
+  if split == "train":
+    pids = range(config.num_train_ids)
+  else:
+    pids = range(synthetic_flare.TEST_PID_OFFSET,
+                 synthetic_flare.TEST_PID_OFFSET + config.num_test_ids)
+  planned = []
+  for pid in pids:
+    cameras, counts = synthetic_flare._identity_layout(config, pid)
+    query_cams = set(cameras[:config.query_cameras])
+    number = 0
+    for camid, count in sorted(zip(cameras, counts)):
+      for index in range(count):
+        is_query = camid in query_cams and index == 0
+        if split == "train" or is_query == (split == "query"):
+          planned.append(synthetic_flare.PlannedSample(split, pid, camid, index, number))
+        number += 1
+  return planned
+
+
+# Digests of the 1.0.0 data, computed with the 1.0.0 code: sha256 over the
+# train, query and gallery plans (all configs) and over the rendered pixels of
+# every tiny sample of those splits (see _pixel_digest).
+_PLAN_DIGESTS_1_0_0 = {
+    "tiny": "19acce96fbc0e964865b360da4661504d29dea4d42b282f6f2dd1c3124d46740",
+    "small": "c15ca15adcfdd8028e70d5281ab59b84d1e7b92ac2992c22964dfee6d56f0d4c",
+    "large": "8e5e03396eaef01482de27663510368167124ad00ab3c582c44067c1c9fb4b74",
+}
+_TINY_PIXEL_DIGEST_1_0_0 = "91fb6297704e9f75500af0544a1030be6585e9557950861f92e0394842037f10"
+
+
+def _plan_digest(config) -> str:
+  h = hashlib.sha256()
+  for split in features.SPLITS:
+    for p in synthetic_flare.plan_split(config, split):
+      h.update(f"{p.split} {p.pid} {p.camid} {p.index} {p.number}\n".encode())
+  return h.hexdigest()
+
+
+def _pixel_digest(config) -> str:
+  h = hashlib.sha256()
+  for split in features.SPLITS:
+    for p in synthetic_flare.plan_split(config, split):
+      sample = synthetic_render.render_sample(config.render, config.seed, p.pid, p.camid,
+                                              p.index)
+      h.update(p.file.encode())
+      for key in _IMAGE_KEYS:
+        h.update(getattr(sample, key).tobytes())
+  return h.hexdigest()
+
+
+def test_val_splits_leave_the_1_0_0_splits_bit_identical(tiny):
+  assert str(tiny.info.version) == "1.1.0"
+  for name, config in synthetic_flare.SyntheticFlare.builder_configs.items():
+    for split in features.SPLITS:
+      assert synthetic_flare.plan_split(config, split) == _plan_1_0_0(config, split)
+    assert _plan_digest(config) == _PLAN_DIGESTS_1_0_0[name], name
+  assert _pixel_digest(_TINY) == _TINY_PIXEL_DIGEST_1_0_0
+  # The PNG bytes are a function of the pixels alone; the number of validation
+  # ids changes nothing outside the validation splits.
+  more_val = dataclasses.replace(_TINY, name="tiny_more_val", num_val_ids=9)
+  for split in features.SPLITS:
+    assert synthetic_flare.plan_split(more_val, split) == synthetic_flare.plan_split(_TINY, split)
+  first = synthetic_flare.plan_split(_TINY, "query")[0]
+  a, b = synthetic_flare.make_example(more_val, first), synthetic_flare.make_example(_TINY, first)
+  assert all(a[k] == b[k] for k in _IMAGE_KEYS)
+  assert len({p.pid for p in synthetic_flare.plan_split(more_val, "val_query")}) == 9
 
 
 def test_example_features(tiny_examples):
@@ -185,6 +263,10 @@ def test_bad_configs_and_arguments_name_the_field():
     synthetic_flare.SyntheticFlareConfig(name="bad", cameras_per_id=(2, 3), query_cameras=2)
   with pytest.raises(ValueError, match="cameras_per_id"):
     synthetic_flare.SyntheticFlareConfig(name="bad", cameras_per_id=(4, 9))
+  with pytest.raises(ValueError, match="num_val_ids"):
+    synthetic_flare.SyntheticFlareConfig(name="bad", num_val_ids=0)
+  with pytest.raises(ValueError, match="num_test_ids"):  # Would reach the val pids.
+    synthetic_flare.SyntheticFlareConfig(name="bad", num_test_ids=3001)
   with pytest.raises(ValueError, match="camid"):
     synthetic_render.render_sample(synthetic_render.RenderConfig(), 0, 0, 8, 0)
   with pytest.raises(ValueError, match="split"):

@@ -18,7 +18,12 @@ import tensorflow_datasets as tfds
 
 # Pixel values at or above this count as saturated (MISSION.md: [250, 255]).
 FLARE_PIXEL_LOW = 250
+# The splits of every builder.
 SPLITS = ("train", "query", "gallery")
+# Validation query/gallery of identities disjoint from train and test, only in
+# builders that generate them (synthetic_flare). The real datasets have none;
+# for them a validation split is carved from train (input_pipeline.pipeline).
+VAL_SPLITS = ("val_query", "val_gallery")
 
 
 def flare_ratio(image: np.ndarray, pixel_low: int = FLARE_PIXEL_LOW) -> float:

@@ -22,6 +22,10 @@ from input_pipeline.datasets import synthetic_render
 # Test pids start here, whatever the number of train ids, so that changing
 # `num_train_ids` leaves the test identities unchanged.
 TEST_PID_OFFSET = 5000
+# Validation pids start here, after any test pid, for the same reason.
+VAL_PID_OFFSET = 8000
+# The builder's splits: the shared ones, then validation query/gallery.
+SPLITS = features.SPLITS + features.VAL_SPLITS
 # Separates the random stream of the split layout from the renderer's streams.
 _TAG_LAYOUT = 404
 
@@ -34,18 +38,22 @@ class SyntheticFlareConfig(tfds.core.BuilderConfig):
     num_train_ids: identities in `train` (pids 0 .. num_train_ids - 1).
     num_test_ids: identities shared by `query` and `gallery` (pids from
       TEST_PID_OFFSET on).
+    num_val_ids: identities shared by `val_query` and `val_gallery` (pids
+      from VAL_PID_OFFSET on), disjoint from train and test; model and
+      design choices are made on them, never on the test identities.
     cameras_per_id: (min, max) number of cameras that see an identity,
       inclusive; the cameras are drawn at random per identity.
     samples_per_camera: (min, max) samples per (identity, camera), inclusive.
-    query_cameras: for each test identity, this many of its cameras give one
-      query sample each; everything else goes to the gallery. Must be smaller
-      than cameras_per_id[0] so that each query has a gallery match from
-      another camera.
+    query_cameras: for each test (and validation) identity, this many of its
+      cameras give one query sample each; everything else goes to the
+      gallery. Must be smaller than cameras_per_id[0] so that each query
+      has a gallery match from another camera.
     seed: the dataset is a pure function of (this config, seed).
     render: image size and difficulty knobs (see RenderConfig).
   """
   num_train_ids: int = 150
   num_test_ids: int = 100
+  num_val_ids: int = 50
   cameras_per_id: tuple[int, int] = (4, 7)
   samples_per_camera: tuple[int, int] = (1, 5)
   query_cameras: int = 2
@@ -62,8 +70,12 @@ class SyntheticFlareConfig(tfds.core.BuilderConfig):
     if not 1 <= self.num_train_ids <= TEST_PID_OFFSET:
       raise ValueError(f"{name}.num_train_ids must be in [1, {TEST_PID_OFFSET}], "
                        f"got {self.num_train_ids}")
-    if self.num_test_ids < 1:
-      raise ValueError(f"{name}.num_test_ids must be >= 1, got {self.num_test_ids}")
+    max_test = VAL_PID_OFFSET - TEST_PID_OFFSET
+    if not 1 <= self.num_test_ids <= max_test:
+      raise ValueError(f"{name}.num_test_ids must be in [1, {max_test}], "
+                       f"got {self.num_test_ids}")
+    if self.num_val_ids < 1:
+      raise ValueError(f"{name}.num_val_ids must be >= 1, got {self.num_val_ids}")
     lo, hi = self.cameras_per_id
     if not 1 <= lo <= hi <= self.render.num_cameras:
       raise ValueError(f"{name}.cameras_per_id must satisfy 1 <= min <= max <= "
@@ -107,19 +119,24 @@ def plan_split(config: SyntheticFlareConfig, split: str) -> list[PlannedSample]:
 
   Train holds identities 0 .. num_train_ids - 1. Each test identity gives
   `query_cameras` queries (sample 0 of each of its first-drawn cameras) and
-  all its other samples to the gallery.
+  all its other samples to the gallery; validation identities are split the
+  same way into val_query and val_gallery. An identity's samples depend only
+  on (config.seed, pid), so adding the validation splits (version 1.1.0)
+  left train, query and gallery unchanged.
 
   Args:
     config: the dataset config.
-    split: one of features.SPLITS.
+    split: one of SPLITS.
 
   Returns:
     The planned samples.
   """
-  if split not in features.SPLITS:
-    raise ValueError(f"split must be one of {features.SPLITS}, got {split!r}")
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   if split == "train":
     pids = range(config.num_train_ids)
+  elif split in features.VAL_SPLITS:
+    pids = range(VAL_PID_OFFSET, VAL_PID_OFFSET + config.num_val_ids)
   else:
     pids = range(TEST_PID_OFFSET, TEST_PID_OFFSET + config.num_test_ids)
   planned = []
@@ -133,7 +150,7 @@ def plan_split(config: SyntheticFlareConfig, split: str) -> list[PlannedSample]:
           keep = True
         else:
           is_query = camid in query_cams and index == 0
-          keep = is_query == (split == "query")
+          keep = is_query == (split in ("query", "val_query"))
         if keep:
           planned.append(PlannedSample(split, pid, camid, index, number))
         number += 1
@@ -200,34 +217,47 @@ class SyntheticFlare(tfds.core.GeneratorBasedBuilder):
 
   Splits: `train` (train identities), `query` and `gallery` (disjoint test
   identities; per test identity one query for each of a few cameras, the rest
-  in the gallery). Nothing is downloaded: the data is a pure function of the
-  config and its seed, and the PNG bytes are identical between builds.
+  in the gallery), `val_query` and `val_gallery` (validation identities
+  disjoint from both, split like the test ones). Nothing is downloaded: the
+  data is a pure function of the config and its seed, and the PNG bytes are
+  identical between builds.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "1.1.0": "Splits val_query and val_gallery (num_val_ids identities from "
+               "pid 8000); train, query and gallery unchanged (same samples, "
+               "same PNG bytes).",
+  }
   BUILDER_CONFIGS = [
       SyntheticFlareConfig(
           name="tiny",
-          description="Unit tests: 64x32 images, 10 train / 6 test ids, builds in seconds.",
+          description="Unit tests: 64x32 images, 10 train / 6 test / 4 val ids, builds in "
+                      "seconds.",
           num_train_ids=10,
           num_test_ids=6,
+          num_val_ids=4,
           cameras_per_id=(3, 4),
           samples_per_camera=(1, 2),
           query_cameras=2,
           render=synthetic_render.RenderConfig(height=64, width=32, flare_prob=0.5)),
       SyntheticFlareConfig(
           name="small",
-          description="Demo: 128x64 images, 150 train / 100 test ids, ~2.5k train triplets.",
+          description="Demo: 128x64 images, 150 train / 100 test / 50 val ids, ~2.5k train "
+                      "triplets.",
           num_train_ids=150,
           num_test_ids=100,
+          num_val_ids=50,
           cameras_per_id=(4, 7),
           samples_per_camera=(1, 5)),
       SyntheticFlareConfig(
           name="large",
-          description="Experiments: 128x64 images, 400 train / 300 test ids, ~10k train triplets.",
+          description="Experiments: 128x64 images, 400 train / 300 test / 100 val ids, ~10k "
+                      "train triplets.",
           num_train_ids=400,
           num_test_ids=300,
+          num_val_ids=100,
           cameras_per_id=(4, 8),
           samples_per_camera=(2, 6)),
   ]
@@ -247,7 +277,7 @@ class SyntheticFlare(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # Nothing to download.
-    return {split: self._generate_examples(split) for split in features.SPLITS}
+    return {split: self._generate_examples(split) for split in SPLITS}
 
   def _generate_examples(self, split: str):
     for planned in plan_split(self.builder_config, split):
