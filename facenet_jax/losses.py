@@ -18,7 +18,7 @@ so that the loss scale does not depend on the batch size.
 """
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -179,15 +179,83 @@ def flare_bce(flare_logits: Array, targets: Array) -> Array:
   the second form being the overflow-free one used here.
 
   Args:
-    flare_logits: (B,) logits of "this image is flare-corrupted".
+    flare_logits: (B, ...) logits of "this image is flare-corrupted": one per
+      image, or several (e.g. one per mask channel), all with the image's
+      target.
     targets: (B,) pseudo-labels in {0, 1} (any float in [0, 1] works).
 
   Returns:
-    Scalar, the batch mean.
+    Scalar, the mean over all logits.
   """
   x = _float32(flare_logits)
-  t = _float32(targets)
+  t = _float32(targets).reshape(
+      targets.shape + (1,) * (x.ndim - jnp.ndim(targets)))
   return jnp.mean(jax.nn.relu(x) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x))))
+
+
+def area_pool(maps: Array, size: tuple[int, int]) -> Array:
+  """Box-averages (B, H, W) maps down to (B, h, w); h and w must divide H, W.
+
+  The plug-in map of a ResNet is the input divided by its stride, so the
+  saturation map of the input pools to it exactly, cell by cell.
+  """
+  b, height, width = maps.shape
+  h, w = size
+  if height % h or width % w:
+    raise ValueError(f"area_pool: {height}x{width} maps do not divide into "
+                     f"{h}x{w} cells; use an input size divisible by the "
+                     "plug-in stage's stride")
+  return jnp.mean(_float32(maps).reshape(b, h, height // h, w, width // w),
+                  axis=(2, 4))
+
+
+def flare_pixel_bce(position_logits: Array, saturation: Array) -> Array:
+  """Pixel-level flare target (beyond the paper; `loss.flare_pixel_weight`).
+
+  The same histogram bar as the image-level pseudo-label, applied per
+  position: the fraction of the raw image's channel values >= 250 in each
+  cell of the mask's grid is the soft target of that position's flare logit,
+  so the mask learns where an image is saturated and not only whether.
+
+  Args:
+    position_logits: (B, h, w, C) mask margins (ModelOutput.flare_maps); every
+      channel of a position gets that position's target.
+    saturation: (B, H, W) per-pixel fraction of saturated channel values of
+      the raw image, augmented like the image (pipeline `saturation`).
+
+  Returns:
+    Scalar, the mean BCE over samples, positions and channels.
+  """
+  b, h, w = position_logits.shape[:3]
+  target = area_pool(saturation, (h, w))
+  return flare_bce(position_logits.reshape(b * h * w, -1),
+                   target.reshape(-1))
+
+
+def fce_consistency(guide: Array, plug: Array, flare: Array) -> Array:
+  """Keeps what FCE pastes in the stream's own feature space (beyond the paper).
+
+  On flare-free samples (delta_S = 0) the pasted map, conv1x1(f_T) under
+  `model.fce_projection`, is regressed onto the stream's own map f_S
+  (stop-gradient target), normalised by that map's energy:
+    l_i = mean((g_i - sg(f_i))^2) / mean(sg(f_i)^2),
+  averaged over the flare-free samples of the batch. What FCE pastes into a
+  flared region is then an estimate of the RGB (NI) features the flare
+  destroyed, not TI features in channels that mean something else.
+
+  Args:
+    guide: (B, h, w, C) the map FCE pastes (ModelOutput.fce_guides).
+    plug: (B, h, w, C) f_S before FCE (ModelOutput.plug_features).
+    flare: (B,) pseudo-label delta_S.
+
+  Returns:
+    Scalar; 0 when the batch has no flare-free sample.
+  """
+  target = jax.lax.stop_gradient(_float32(plug))
+  error = jnp.mean(jnp.square(_float32(guide) - target), axis=(1, 2, 3))
+  energy = jnp.mean(jnp.square(target), axis=(1, 2, 3))
+  return _masked_mean(error / jnp.maximum(energy, 1e-6),
+                      _float32(flare) < 0.5)
 
 
 def ic_loss(logits_rgb: Array, logits_ni: Array) -> Array:
@@ -332,6 +400,10 @@ class LossConfig:
     triplet_margin: hinge margin m of the triplet loss.
     triplet_soft_margin: softplus instead of the hinge (margin unused).
     flare_weight: weight of each SMP head's flare BCE.
+    flare_pixel_weight: weight of each flare modality's pixel-level BCE
+      against the saturation map (beyond the paper; 0 = off).
+    fce_consistency_weight: weight of each flare modality's FCE consistency
+      term (beyond the paper; 0 = off).
     modality: modality-relation loss, one of MODALITY_LOSSES.
     modality_weight: weight of the modality-relation loss.
     modality_margin: margin of the 3M loss.
@@ -342,6 +414,8 @@ class LossConfig:
   triplet_margin: float = 0.3
   triplet_soft_margin: bool = False
   flare_weight: float = 1.0
+  flare_pixel_weight: float = 0.0
+  fce_consistency_weight: float = 0.0
   modality: str = "ic"
   modality_weight: float = 1.0
   modality_margin: float = 0.1
@@ -354,6 +428,7 @@ class LossConfig:
       raise ValueError("loss.label_smoothing must be in [0, 1), "
                        f"got {self.label_smoothing}.")
     for name in ("ce_weight", "triplet_weight", "triplet_margin", "flare_weight",
+                 "flare_pixel_weight", "fce_consistency_weight",
                  "modality_weight", "modality_margin"):
       value = getattr(self, name)
       if value < 0:
@@ -376,26 +451,40 @@ def _modality_loss(name: str, logits: Mapping[str, Array],
 
 def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
                flare_logits: Mapping[str, Array], labels: Array,
-               flare_targets: Array,
-               config: LossConfig) -> tuple[Array, dict[str, Array]]:
+               flare_targets: Array, config: LossConfig, *,
+               flare_maps: Optional[Mapping[str, Array]] = None,
+               saturation: Optional[Array] = None,
+               fce_guides: Optional[Mapping[str, Array]] = None,
+               plug_features: Optional[Mapping[str, Array]] = None,
+               ) -> tuple[Array, dict[str, Array]]:
   """FACENet's objective (paper eq. 13) with a weight per term.
 
     total = ce_weight       * sum_s CE(logits[s], labels)
           + triplet_weight  * sum_s triplet(features[s], labels)
           + flare_weight    * sum_{s in flare_logits} BCE(flare_logits[s], delta_s)
-          + modality_weight * L_modality,
+          + modality_weight * L_modality
+          + flare_pixel_weight     * sum_s flare_pixel_bce(flare_maps[s], sat_s)
+          + fce_consistency_weight * sum_s fce_consistency(guide_s, f_s, delta_s),
   s over the streams in `logits` (normally "rgb", "ni", "ti"). The flare sum is
   empty for a model without MFMP. L_modality is IC on the RGB and NI logits,
-  or 3M / HC / CdC on the features, or absent for "none".
+  or 3M / HC / CdC on the features, or absent for "none". The last two terms
+  go beyond the paper and are computed only when their weight is > 0.
 
   Args:
     logits: stream -> (B, C) classifier outputs (after the BN neck).
     features: stream -> (B, D) features before the BN neck; same keys as logits.
-    flare_logits: stream -> (B,) SMP logits, keys a subset of ("rgb", "ni");
+    flare_logits: stream -> (B,) or (B, C) SMP logits, keys a subset of
+      ("rgb", "ni");
       may be empty.
     labels: (B,) int identity labels.
     flare_targets: (B, 2) pseudo-labels delta in {0, 1}, columns [rgb, ni].
     config: weights and options.
+    flare_maps: stream -> (B, h, w, C) mask margins; needed when
+      flare_pixel_weight > 0.
+    saturation: (B, H, W, 2) saturation maps of [rgb, ni]; likewise.
+    fce_guides: stream -> (B, h, w, C) pasted maps; needed when
+      fce_consistency_weight > 0 (with plug_features, f_S before FCE).
+    plug_features: stream -> (B, h, w, C).
 
   Returns:
     total: scalar, the weighted sum.
@@ -425,6 +514,22 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
     terms[f"flare_{stream}"] = flare_bce(flare_logits[stream],
                                          flare_targets[:, column])
     total += config.flare_weight * terms[f"flare_{stream}"]
+  if config.flare_pixel_weight > 0 and flare_logits:
+    if flare_maps is None or saturation is None:
+      raise ValueError("loss.flare_pixel_weight > 0 needs the model's "
+                       "flare_maps and the pipeline's saturation maps.")
+    for stream in flare_logits:
+      column = FLARE_MODALITIES.index(stream)
+      terms[f"flare_pixel_{stream}"] = flare_pixel_bce(
+          flare_maps[stream], saturation[..., column])
+      total += config.flare_pixel_weight * terms[f"flare_pixel_{stream}"]
+  if config.fce_consistency_weight > 0 and fce_guides:
+    for stream in fce_guides:
+      column = FLARE_MODALITIES.index(stream)
+      terms[f"fce_consistency_{stream}"] = fce_consistency(
+          fce_guides[stream], plug_features[stream], flare_targets[:, column])
+      total += (config.fce_consistency_weight *
+                terms[f"fce_consistency_{stream}"])
   if config.modality != "none":
     name = f"modality_{config.modality}"
     terms[name] = _modality_loss(config.modality, logits, features, labels,

@@ -76,6 +76,44 @@ def flare_label(threshold: float) -> Op:
   return _flare_label
 
 
+# Key of the saturation pseudo-image that `saturation_map` adds.
+SATURATION_KEY = "saturation"
+
+
+def saturation_map(bar: int, keys: Sequence[str] = ("rgb", "ni")) -> Op:
+  """Adds the per-pixel saturation of the raw decoded images as a pseudo-image.
+
+  For each of `keys` (at most 3), channel j of data["saturation"] is
+  round(255 * fraction of that image's channel values >= bar) per pixel, the
+  per-pixel form of the flare pseudo-label's histogram bar. It is uint8
+  (H, W, 3) like an image (unused channels 0), so that `resize`, flips,
+  crops and erasing can move it together with the images: the pixel-level
+  flare target stays aligned with what the network sees. Must run right
+  after `decode`, before anything changes the pixel values.
+  """
+  if not 1 <= len(keys) <= 3:
+    raise ValueError(f"saturation_map takes 1 to 3 keys, got {tuple(keys)}")
+
+  def _saturation(data: Example) -> Example:
+    planes = [tf.reduce_mean(tf.cast(data[k] >= bar, tf.float32), axis=-1)
+              for k in keys]
+    planes += [tf.zeros_like(planes[0])] * (3 - len(planes))
+    sat = tf.cast(tf.round(255.0 * tf.stack(planes, axis=-1)), tf.uint8)
+    return {**data, SATURATION_KEY: sat}
+
+  return _saturation
+
+
+def saturation_to_float(channels: int = 2) -> Op:
+  """data["saturation"]: uint8 (..., 3) -> float32 (..., channels) in [0, 1]."""
+
+  def _to_float(data: Example) -> Example:
+    sat = tf.cast(data[SATURATION_KEY][..., :channels], tf.float32) / 255.0
+    return {**data, SATURATION_KEY: sat}
+
+  return _to_float
+
+
 def resize(size: Sequence[int], keys: Sequence[str] = MODALITIES) -> Op:
   """Resizes uint8 images to size = (H, W), bilinear, rounded back to uint8.
 

@@ -20,10 +20,16 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import ops
+from input_pipeline.datasets import features
 
 MODALITIES = ops.MODALITIES
 # The TFDS builders of this project (input_pipeline/datasets).
 KNOWN_DATASETS = ("wmveid863", "rgbnt100", "msvr310", "synthetic_flare")
+# The (query, gallery) splits ranked by each evaluation split.
+EVAL_SPLITS = {"test": ("query", "gallery"), "val": features.VAL_SPLITS}
+# Seed of the identities `carve_val` holds out. Fixed (not the run's seed):
+# every seed of a study trains and is compared on the same identities.
+VAL_IDS_SEED = 0
 _LABEL_FIELDS = ("pid", "camid", "sceneid")
 _FEATURES = MODALITIES + _LABEL_FIELDS + ("flare_ratio", "file")
 
@@ -106,13 +112,17 @@ def load_split(dataset: str, split: str, *, builder_config: str = "",
 
   Args:
     dataset: TFDS name (wmveid863 | rgbnt100 | msvr310 | synthetic_flare).
-    split: split name (train | query | gallery).
+    split: split name (train | query | gallery; synthetic_flare also has
+      val_query | val_gallery).
     builder_config: builder config name; "" for the builder's default.
     data_dir: where TFDS keeps prepared datasets; None or "" for its default.
     manual_dir: root of a manually downloaded dataset; None or "" for none.
 
   Returns:
     The split as SplitData.
+
+  Raises:
+    MissingSplitError: the dataset has no such split.
   """
   # Importing the package registers the project's builders with TFDS.
   # pylint: disable-next=g-import-not-at-top,unused-import
@@ -137,8 +147,8 @@ def load_split(dataset: str, split: str, *, builder_config: str = "",
         manual_dir=manual_dir or None))
     logging.info("Prepared %s.", name)
   if split not in builder.info.splits:
-    raise ValueError(f"dataset {name} has no split {split!r}; it has "
-                     f"{sorted(builder.info.splits)}")
+    raise MissingSplitError(f"dataset {name} has no split {split!r}; it has "
+                            f"{sorted(builder.info.splits)}")
   wanted = {k: True for k in _FEATURES}
   decoders = tfds.decode.PartialDecoding(
       wanted, decoders={k: tfds.decode.SkipDecoding() for k in MODALITIES})
@@ -155,6 +165,73 @@ def load_split(dataset: str, split: str, *, builder_config: str = "",
   logging.info("Loaded %s[%s]: %d triplets, %d ids.", name, split,
                data.num_examples, data.num_ids)
   return data
+
+
+class MissingSplitError(ValueError):
+  """The dataset has no split of the requested name."""
+
+
+def subset(data: SplitData, index: np.ndarray) -> SplitData:
+  """The examples data[index], in the order of index."""
+  return SplitData(**{f.name: getattr(data, f.name)[index]
+                      for f in dataclasses.fields(SplitData)})
+
+
+def val_identities(pid: np.ndarray, num_ids: int) -> np.ndarray:
+  """The training identities `carve_val` holds out, sorted.
+
+  A fixed-seed (VAL_IDS_SEED) random choice among the distinct pids: it
+  depends only on the set of pids, not on their order or the run's seed; it
+  is spread over the whole id range (datasets often number vehicles in
+  capture order); and the ids held out for n are among those held out for
+  n + 1.
+
+  Args:
+    pid: (N,) pids of the training split.
+    num_ids: how many identities to hold out, in [1, #ids - 1].
+
+  Returns:
+    (num_ids,) int64 pids.
+  """
+  ids = np.unique(np.asarray(pid, np.int64))
+  if not 1 <= num_ids < ids.size:
+    raise ValueError(f"num_ids (validation identities) must be in [1, "
+                     f"{ids.size - 1}] for a split of {ids.size} ids, got "
+                     f"{num_ids}")
+  chosen = np.random.default_rng(VAL_IDS_SEED).permutation(ids.size)[:num_ids]
+  return np.sort(ids[chosen])
+
+
+def carve_val(data: SplitData, num_ids: int) -> dict[str, SplitData]:
+  """Holds out `num_ids` training identities as a validation query/gallery.
+
+  Market-1501 style: of each held-out identity, the first example in file
+  order (sorted `file` paths) seen by each camera is a query, all its other
+  examples go to the gallery. The held-out identities (`val_identities`)
+  leave the training split entirely. A query whose identity has no gallery
+  example from another camera has no true match and is skipped by the
+  ranking, as in the test protocol.
+
+  Args:
+    data: the training split.
+    num_ids: identities to hold out, in [1, data.num_ids - 1].
+
+  Returns:
+    {"train": the remaining examples (in their order), "val_query",
+     "val_gallery": the held-out ones (in file order)}.
+  """
+  held = np.isin(data.pid, val_identities(data.pid, num_ids))
+  query, gallery, seen = [], [], set()
+  for i in np.argsort(data.file, kind="stable"):
+    if not held[i]:
+      continue
+    key = (int(data.pid[i]), int(data.camid[i]))
+    (gallery if key in seen else query).append(i)
+    seen.add(key)
+  val_query, val_gallery = features.VAL_SPLITS
+  return {"train": subset(data, np.flatnonzero(~held)),
+          val_query: subset(data, np.asarray(query, np.int64)),
+          val_gallery: subset(data, np.asarray(gallery, np.int64))}
 
 
 def train_label_map(data: SplitData) -> dict[int, int]:
@@ -305,7 +382,9 @@ def train_batches(data: SplitData, *, ids_per_batch: int, instances_per_id: int,
                   random_erasing_prob: float, flare_threshold: float, seed: int,
                   start_step: int = 0, process_index: int = 0,
                   process_count: int = 1, prefetch: int = 2,
-                  num_threads: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                  num_threads: int = 0, saturation: bool = False,
+                  saturation_bar: int = 250,
+                  ) -> Iterator[dict[str, np.ndarray]]:
   """The infinite stream of augmented P x K training batches of this process.
 
   Process i gets ids_per_batch / process_count whole id groups of each global
@@ -330,6 +409,10 @@ def train_batches(data: SplitData, *, ids_per_batch: int, instances_per_id: int,
     prefetch: batches prepared ahead.
     num_threads: tf.data threads and parallel map calls; 0 = TF defaults
       (AUTOTUNE map over tf.data's shared pool).
+    saturation: also yield the per-pixel saturation maps of the raw RGB and
+      NI images (the pixel-level flare target), augmented like the images.
+    saturation_bar: the raw uint8 value from which a channel counts as
+      saturated (the pseudo-label's bar).
 
   Returns:
     An iterator of dicts with b = P * K / process_count rows:
@@ -337,6 +420,8 @@ def train_batches(data: SplitData, *, ids_per_batch: int, instances_per_id: int,
       label        int32 (b,), index of the pid in the sorted training pids.
       pid, camid   int64 (b,).
       flare        float32 (b, 2), pseudo-labels delta for [RGB, NI].
+      saturation   float32 (b, H, W, 2), with `saturation` only: the share of
+                   saturated channel values of [RGB, NI] per pixel.
   """
   _check_norm(mean, std)
   if start_step < 0:
@@ -368,20 +453,30 @@ def train_batches(data: SplitData, *, ids_per_batch: int, instances_per_id: int,
       yield rows(step)
       step += 1
 
+  # The modality's mean colour: ~0 after normalisation.
+  fill = np.round(255.0 * np.asarray(mean)).tolist()
+  images = MODALITIES
+  extra_ops, extra_keys = [], ()
+  if saturation:
+    # The saturation pseudo-image follows every geometric op; an erased
+    # rectangle holds no saturated pixel any more.
+    images = MODALITIES + (ops.SATURATION_KEY,)
+    fill = fill + [[0.0, 0.0, 0.0]]
+    extra_ops, extra_keys = [ops.saturation_to_float()], (ops.SATURATION_KEY,)
   per_example = ops.chain(
       ops.decode(),
-      ops.resize(input_size),
-      ops.random_flip_lr(flip_prob),
-      ops.random_pad_crop(pad),
-      # The modality's mean colour: ~0 after normalisation.
-      ops.random_erasing(random_erasing_prob,
-                         fill=np.round(255.0 * np.asarray(mean)).tolist()),
-      ops.keep(MODALITIES + ("label", "pid", "camid", "flare_ratio")),
+      *([ops.saturation_map(saturation_bar)] if saturation else []),
+      ops.resize(input_size, keys=images),
+      ops.random_flip_lr(flip_prob, keys=images),
+      ops.random_pad_crop(pad, keys=images),
+      ops.random_erasing(random_erasing_prob, fill=fill, keys=images),
+      ops.keep(images + ("label", "pid", "camid", "flare_ratio")),
   )
   per_batch = ops.chain(
       ops.normalize(mean, std),
       ops.flare_label(flare_threshold),
-      ops.keep(MODALITIES + ("label", "pid", "camid", "flare")),
+      *extra_ops,
+      ops.keep(MODALITIES + ("label", "pid", "camid", "flare") + extra_keys),
   )
   ds = _map_batches(generator, rows(start_step), per_example, per_batch,
                     stop - start, prefetch, num_threads)

@@ -220,6 +220,86 @@ class FlareBceTest(parameterized.TestCase):
     assert_finite_tree(self, jax.jit(jax.grad(losses.flare_bce))(x, t))
 
 
+class PixelAndConsistencyTest(parameterized.TestCase):
+
+  def test_area_pool_is_the_cell_mean(self):
+    maps = np.arange(2 * 8 * 4, dtype=np.float32).reshape(2, 8, 4)
+    pooled = np.asarray(losses.area_pool(maps, (4, 2)))
+    ref = maps.reshape(2, 4, 2, 2, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(pooled, ref, rtol=1e-6)
+    with self.assertRaisesRegex(ValueError, "divisible by the plug-in"):
+      losses.area_pool(maps, (3, 2))
+
+  @parameterized.parameters(0, 1)
+  def test_flare_pixel_bce_matches_numpy(self, seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=3.0, size=(3, 4, 2, 5)).astype(np.float32)
+    sat = (rng.random((3, 16, 8)) < 0.3).astype(np.float32)
+    target = sat.reshape(3, 4, 4, 2, 4).mean(axis=(2, 4))
+    target = np.repeat(target[..., None], 5, axis=-1)  # Every channel.
+    np.testing.assert_allclose(
+        jax.jit(losses.flare_pixel_bce)(logits, sat),
+        np_bce(logits.ravel(), target.ravel()), rtol=1e-5)
+
+  def test_flare_bce_broadcasts_the_image_target_over_channels(self):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(4, 3)).astype(np.float32)
+    t = np.array([1.0, 0.0, 1.0, 0.0], np.float32)
+    np.testing.assert_allclose(flare_bce(x, t),
+                               np_bce(x.ravel(), np.repeat(t, 3)), rtol=1e-5)
+
+  def test_fce_consistency_matches_numpy_on_clean_samples_only(self):
+    rng = np.random.default_rng(3)
+    guide = rng.normal(size=(4, 2, 2, 3)).astype(np.float32)
+    plug = rng.normal(size=(4, 2, 2, 3)).astype(np.float32)
+    flare = np.array([0.0, 1.0, 0.0, 1.0], np.float32)
+    err = ((guide - plug) ** 2).mean(axis=(1, 2, 3))
+    energy = (plug ** 2).mean(axis=(1, 2, 3))
+    expected = np.mean((err / energy)[flare < 0.5])
+    value, (g_guide, g_plug) = jax.jit(jax.value_and_grad(
+        losses.fce_consistency, argnums=(0, 1)))(guide, plug, flare)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    self.assertEqual(float(jnp.abs(g_plug).sum()), 0.0)  # Target is fixed.
+    self.assertEqual(float(jnp.abs(g_guide[1]).sum()), 0.0)  # Flared sample.
+    self.assertGreater(float(jnp.abs(g_guide[0]).sum()), 0.0)
+    self.assertEqual(float(losses.fce_consistency(guide, plug,
+                                                  np.ones(4, np.float32))),
+                     0.0)
+
+  def test_total_loss_adds_the_weighted_terms(self):
+    rng = np.random.default_rng(4)
+    logits = {s: rng.normal(size=(4, 5)).astype(np.float32) for s in STREAMS}
+    feats = {s: rng.normal(size=(4, 6)).astype(np.float32) for s in STREAMS}
+    flare_logits = {s: rng.normal(size=(4,)).astype(np.float32)
+                    for s in ("rgb", "ni")}
+    maps = {s: rng.normal(size=(4, 2, 2, 3)).astype(np.float32)
+            for s in ("rgb", "ni")}
+    guides = {s: rng.normal(size=(4, 2, 2, 3)).astype(np.float32)
+              for s in ("rgb", "ni")}
+    plugs = {s: rng.normal(size=(4, 2, 2, 3)).astype(np.float32)
+             for s in ("rgb", "ni")}
+    sat = rng.random((4, 8, 8, 2)).astype(np.float32)
+    labels = np.array([0, 0, 1, 1])
+    targets = np.array([[1, 0], [0, 0], [1, 1], [0, 1]], np.float32)
+    kwargs = dict(flare_maps=maps, saturation=sat, fce_guides=guides,
+                  plug_features=plugs)
+    base_cfg = losses.LossConfig(modality="none")
+    cfg = losses.LossConfig(modality="none", flare_pixel_weight=0.5,
+                            fce_consistency_weight=2.0)
+    base, _ = losses.total_loss(logits, feats, flare_logits, labels, targets,
+                                base_cfg, **kwargs)
+    total, terms = losses.total_loss(logits, feats, flare_logits, labels,
+                                     targets, cfg, **kwargs)
+    extra = sum(0.5 * terms[f"flare_pixel_{s}"] +
+                2.0 * terms[f"fce_consistency_{s}"] for s in ("rgb", "ni"))
+    np.testing.assert_allclose(total, base + extra, rtol=1e-5)
+    np.testing.assert_allclose(
+        terms["flare_pixel_ni"],
+        losses.flare_pixel_bce(maps["ni"], sat[..., 1]), rtol=1e-6)
+    with self.assertRaisesRegex(ValueError, "flare_pixel_weight"):
+      losses.total_loss(logits, feats, flare_logits, labels, targets, cfg)
+
+
 class IcLossTest(parameterized.TestCase):
 
   @parameterized.product(seed=[0, 1, 2], shape=[(3, 4), (8, 11)])

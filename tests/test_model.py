@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facenet_jax import losses
 from facenet_jax.constants import MODALITIES
 from facenet_jax.models import FACENet, ResNet
 from facenet_jax.models import facenet as facenet_lib
@@ -84,12 +85,15 @@ class PaperConfigTest(parameterized.TestCase):
       self.assertEqual(out.logits[m].shape, (2, 100))
     self.assertEqual(set(out.masks), {"rgb", "ni"})
     self.assertEqual(out.masks["rgb"].shape, (2, 16, 8, 2048))
-    self.assertEqual(out.flare_logits["ni"].shape, (2,))
+    self.assertEqual(out.flare_logits["ni"].shape, (2, 2048))
+    self.assertEqual(out.flare_maps["ni"].shape, (2, 16, 8, 2048))
 
   def test_parameter_counts(self):
     _, baseline = self._shapes(use_mfmp=False, use_fce=False)
     _, full = self._shapes()
     _, reduced = self._shapes(fmi_width=512)
+    _, head = self._shapes(smp="head")
+    _, projected = self._shapes(fce_projection=True)
     c, classes = 2048, 100
     backbones = 3 * TORCHVISION_PARAMS[50]
     heads = 3 * (c + c * classes)  # BN neck scale (no bias) + classifier.
@@ -100,12 +104,18 @@ class PaperConfigTest(parameterized.TestCase):
                9 * width * width + 2 * width + 9 * width * c + 2 * c)
       hidden = c // 16
       return convs + (c * hidden + hidden) + (hidden * c + c)
-    # Per flare modality: three 1x1 convs with bias, Delta, SMP head.
-    mask = 3 * (c * c + c) + 1 + (c * (c // 4) + c // 4) + (c // 4 + 1)
+    # Per flare modality: three 1x1 convs with bias and Delta; smp="head"
+    # adds the separate SMP classifier, fce_projection a 1x1 conv with bias.
+    mask = 3 * (c * c + c) + 1
+    smp_head = (c * (c // 4) + c // 4) + (c // 4 + 1)
     self.assertEqual(_count(full["params"]),
                      backbones + heads + fmi(c) + 2 * mask)
     self.assertEqual(_count(reduced["params"]),
                      backbones + heads + fmi(512) + 2 * mask)
+    self.assertEqual(_count(head["params"]),
+                     backbones + heads + fmi(c) + 2 * (mask + smp_head))
+    self.assertEqual(_count(projected["params"]),
+                     backbones + heads + fmi(c) + 2 * (mask + c * c + c))
 
   @parameterized.parameters(1, 2, 3)
   def test_plug_stage_mask_resolution(self, stage):
@@ -236,6 +246,131 @@ class FCEGatingTest(absltest.TestCase):
                                               jnp.array([1., 0.]))
     np.testing.assert_array_equal(out[0, 0, 0], [5., 1., 5., 1.])
     np.testing.assert_array_equal(out[1, 0, 0], [-1., -1., -1., -1.])
+
+
+class MaskSupervisionTest(parameterized.TestCase):
+  """smp = "mask": the flare BCE reaches the mask logits and Delta."""
+
+  def _flare_grads(self, **overrides):
+    model, variables = _tiny_variables(**overrides)
+    images = _images(jax.random.key(6), 4)
+    flare = jnp.array([[1., 1.], [1., 0.], [0., 1.], [0., 0.]])
+
+    def flare_loss(params):
+      out, _ = model.apply({"params": params,
+                            "batch_stats": variables["batch_stats"]},
+                           images, flare, train=True, mutable=["batch_stats"])
+      return sum(losses.flare_bce(out.flare_logits[m], flare[:, i])
+                 for i, m in enumerate(("rgb", "ni")))
+
+    return jax.jit(jax.grad(flare_loss))(variables["params"])
+
+  def test_flare_bce_reaches_mask_logits_and_threshold(self):
+    grads = self._flare_grads()
+    for m in ("rgb", "ni"):
+      self.assertNotEqual(float(grads[f"{m}_mask"]["threshold"]), 0.0)
+      kernel = grads[f"{m}_mask"]["mask_logits"]["kernel"]
+      self.assertGreater(float(jnp.abs(kernel).sum()), 0.0)
+      self.assertNotIn("smp_hidden", grads[f"{m}_mask"])
+
+  def test_head_reading_leaves_threshold_to_straight_through(self):
+    grads = self._flare_grads(smp="head")
+    self.assertIn("smp_hidden", grads["rgb_mask"])
+    # d(pooled logit)/d(Delta) is -1 per position under "mask": the BCE
+    # gradient on Delta is the sum of (p - t); under "head" it is not.
+    self.assertGreater(float(jnp.abs(
+        grads["rgb_mask"]["smp_out"]["kernel"]).sum()), 0.0)
+
+  def test_detach_keeps_flare_loss_out_of_backbones(self):
+    attached = self._flare_grads()
+    detached = self._flare_grads(mask_detach=True)
+    norm = lambda tree: float(sum(jnp.abs(x).sum()
+                                  for x in jax.tree.leaves(tree)))
+    self.assertGreater(norm(attached["rgb_backbone"]), 0.0)
+    self.assertEqual(norm(detached["rgb_backbone"]), 0.0)
+    self.assertEqual(norm(detached["ti_backbone"]), 0.0)
+    self.assertGreater(norm(detached["rgb_mask"]["mask_logits"]), 0.0)
+    self.assertGreater(norm(detached["fmi"]), 0.0)
+
+  @parameterized.parameters("topk", "lse", "max", "mean")
+  def test_pooling_of_a_constant_map_is_the_constant(self, pooling):
+    maps = jnp.full((2, 4, 3, 5), 1.5)
+    np.testing.assert_allclose(
+        facenet_lib.pool_positions(maps, pooling, 0.25), np.full((2, 5), 1.5),
+        rtol=1e-6)
+
+  def test_topk_pooling_averages_the_highest_positions_per_channel(self):
+    # 8 positions, top 25 % = 2; channel 1 is channel 0 reversed and negated.
+    maps = jnp.stack([jnp.arange(8.0), -jnp.arange(8.0)], -1).reshape(
+        1, 4, 2, 2)
+    np.testing.assert_allclose(
+        facenet_lib.pool_positions(maps, "topk", 0.25), [[6.5, -0.5]])
+    np.testing.assert_allclose(
+        facenet_lib.pool_positions(maps, "max", 0.25), [[7.0, 0.0]])
+    np.testing.assert_allclose(
+        facenet_lib.pool_positions(maps, "mean", 0.25), [[3.5, -3.5]])
+
+  def test_flare_maps_are_the_mask_margins(self):
+    model, variables = _tiny_variables()
+    out = model.apply(variables, _images(jax.random.key(7), 2),
+                      jnp.ones((2, 2)))
+    self.assertEqual(out.flare_maps["rgb"].shape, out.masks["rgb"].shape)
+    np.testing.assert_array_equal(out.masks["rgb"],
+                                  (out.flare_maps["rgb"] > 0).astype(
+                                      np.float32))
+    pooled = facenet_lib.pool_positions(out.flare_maps["rgb"], "topk", 0.25)
+    np.testing.assert_allclose(out.flare_logits["rgb"], pooled, rtol=1e-6)
+
+  def test_unknown_smp_raises(self):
+    with self.assertRaisesRegex(ValueError, "model.smp"):
+      FACENet(num_classes=7, smp="heads", **TINY).init(
+          jax.random.key(0), _images(jax.random.key(1), 1), jnp.ones((1, 2)))
+
+
+class FCEOptionsTest(absltest.TestCase):
+
+  def test_identity_initialised_projection_equals_the_paper_at_init(self):
+    images = _images(jax.random.key(8), 2)
+    flare = jnp.ones((2, 2))
+    model, variables = _tiny_variables()
+    proj_model, proj_variables = _tiny_variables(fce_projection=True)
+    # Same initial streams (same rng, the projection adds leaves only).
+    params = {**proj_variables["params"], **variables["params"]}
+    out = model.apply(variables, images, flare)
+    proj = proj_model.apply({**proj_variables, "params": params}, images,
+                            flare)
+    np.testing.assert_allclose(out.embedding, proj.embedding, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(proj.fce_guides["rgb"], out.fce_guides["rgb"],
+                               rtol=1e-5, atol=1e-6)
+
+  def test_clean_identity_passes_features_unchanged(self):
+    images = _images(jax.random.key(9), 2)
+    flare = jnp.zeros((2, 2))
+    model, variables = _tiny_variables(fce_clean="identity")
+    base, base_variables = _tiny_variables(use_mfmp=False, use_fce=False)
+    params = {k: v for k, v in variables["params"].items()
+              if k in base_variables["params"]}
+    stats = {k: v for k, v in variables["batch_stats"].items()
+             if k in base_variables["batch_stats"]}
+    out = model.apply(variables, images, flare)
+    ref = base.apply({"params": params, "batch_stats": stats}, images, flare)
+    np.testing.assert_allclose(out.embedding, ref.embedding, rtol=1e-5,
+                               atol=1e-6)
+
+  def test_soft_inference_mask_differs_only_at_evaluation(self):
+    images = _images(jax.random.key(10), 2)
+    flare = jnp.ones((2, 2))
+    hard, variables = _tiny_variables()
+    soft = FACENet(num_classes=7, fce_inference_mask="soft", **TINY)
+    hard_eval = hard.apply(variables, images, flare).embedding
+    soft_eval = soft.apply(variables, images, flare).embedding
+    self.assertFalse(np.allclose(hard_eval, soft_eval))
+    hard_train = hard.apply(variables, images, flare, train=True,
+                            mutable=["batch_stats"])[0].embedding
+    soft_train = soft.apply(variables, images, flare, train=True,
+                            mutable=["batch_stats"])[0].embedding
+    np.testing.assert_array_equal(hard_train, soft_train)
 
 
 class StraightThroughTest(absltest.TestCase):

@@ -116,6 +116,55 @@ def test_split_data_validation(field, value, match):
     pipeline.SplitData(**fields)
 
 
+def test_carve_val_holds_out_whole_identities_market_style():
+  carved = pipeline.carve_val(DATA, 3)
+  assert set(carved) == {"train", "val_query", "val_gallery"}
+  train, query, gallery = (carved[k] for k in ("train", "val_query",
+                                                "val_gallery"))
+  held = set(pipeline.val_identities(DATA.pid, 3).tolist())
+  assert len(held) == 3
+  # The held-out ids leave training entirely; nothing is lost or duplicated.
+  assert set(train.pid.tolist()) == set(DATA.pid.tolist()) - held
+  assert set(query.pid.tolist()) == held
+  files = np.concatenate([train.file, query.file, gallery.file])
+  assert sorted(files) == sorted(DATA.file)
+  np.testing.assert_array_equal(train.file, DATA.file[~np.isin(DATA.pid,
+                                                               list(held))])
+  # One query per (id, camera): the first of its examples in file order.
+  pairs = list(zip(query.pid.tolist(), query.camid.tolist()))
+  assert len(set(pairs)) == len(pairs)
+  for pid, camid in zip(DATA.pid, DATA.camid):
+    if pid not in held:
+      continue
+    same = DATA.file[(DATA.pid == pid) & (DATA.camid == camid)]
+    assert (pid, camid) in pairs
+    assert query.file[pairs.index((pid, camid))] == min(same)
+    assert set(same) - {min(same)} <= set(gallery.file)
+  # Everything travels with the example.
+  source = {f: i for i, f in enumerate(DATA.file)}
+  for part in (train, query, gallery):
+    idx = [source[f] for f in part.file]
+    for name in ("rgb", "ni", "ti", "pid", "camid", "sceneid", "flare_ratio"):
+      np.testing.assert_array_equal(getattr(part, name),
+                                    getattr(DATA, name)[idx])
+
+
+def test_val_identities_fixed_order_free_and_nested():
+  chosen = pipeline.val_identities(DATA.pid, 3)
+  assert chosen.dtype == np.int64 and list(chosen) == sorted(chosen)
+  np.testing.assert_array_equal(
+      pipeline.val_identities(DATA.pid[::-1], 3), chosen)
+  assert set(pipeline.val_identities(DATA.pid, 2)) < set(chosen)
+  shuffled = pipeline.subset(DATA, np.random.default_rng(1).permutation(
+      DATA.num_examples))
+  for split, data in pipeline.carve_val(shuffled, 3).items():
+    np.testing.assert_array_equal(
+        np.sort(data.file), np.sort(pipeline.carve_val(DATA, 3)[split].file))
+  for bad in (0, len(COUNTS)):
+    with pytest.raises(ValueError, match=rf"num_ids .* \[1, 6\].* got {bad}"):
+      pipeline.carve_val(DATA, bad)
+
+
 def test_sampler_identity_balanced_epochs():
   sampler = pipeline.IdentitySampler(DATA.pid, P, K, seed=3)
   for epoch in range(4):
@@ -300,8 +349,65 @@ def test_load_split_reads_tfds(tmp_path):
                                 [_flare_ratio(i) for i in (5, 6, 7)])
   decoded = tf.io.decode_png(data.ti[order[1]]).numpy()
   np.testing.assert_array_equal(decoded, _image(6, 2))
-  with pytest.raises(ValueError, match="has no split 'gallery'"):
+  with pytest.raises(pipeline.MissingSplitError,
+                     match="has no split 'gallery'"):
     pipeline.load_split("tiny_triplets_for_pipeline_test", "gallery",
                         data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="unknown dataset 'no_such_set'"):
     pipeline.load_split("no_such_set", "train", data_dir=str(tmp_path))
+
+
+def _saturated_data() -> pipeline.SplitData:
+  """DATA with a saturated left band in RGB and a 2-of-3-channel top band in NI."""
+  n = DATA.num_examples
+  rgb, ni = [], []
+  for i in range(n):
+    image = _image(i, 0)
+    image[:, :4] = 255
+    rgb.append(_encode(image))
+    image = _image(i, 1)
+    image[:6, :, 1:] = 252
+    ni.append(_encode(image))
+  return dataclasses.replace(DATA, rgb=np.array(rgb, dtype=object),
+                             ni=np.array(ni, dtype=object))
+
+
+def test_train_batches_saturation_follows_the_augmentation():
+  data = _saturated_data()
+  with_sat = _take(pipeline.train_batches(data, **TRAIN_KW, seed=2,
+                                          saturation=True), 4)
+  without = _take(pipeline.train_batches(data, **TRAIN_KW, seed=2), 4)
+  flipped = 0
+  for batch, plain in zip(with_sat, without):
+    sat = batch["saturation"]
+    assert sat.shape == (P * K,) + INPUT_SIZE + (2,) and sat.dtype == np.float32
+    assert sat.min() >= 0.0 and sat.max() <= 1.0
+    for key in ops.MODALITIES:  # The images themselves are unchanged.
+      np.testing.assert_array_equal(batch[key], plain[key])
+    rgb = _unnormalize(batch, 0, "rgb")
+    full = sat[..., 0] > 0.99
+    assert np.all(rgb[full] > 245.0), "saturation where the image is not"
+    # Both went through the same bilinear resize: a pixel that is a share a
+    # of the saturated band has value >= 255 a in every channel.
+    assert np.all(255.0 * sat[..., 0] <= rgb.min(axis=-1) + 2.0)
+    erased = _erased(batch, 0, "rgb")
+    assert np.all(sat[erased] == 0.0), "an erased rectangle has no flare"
+    # The NI band saturates two of three channels.
+    ni_band = sat[..., 1][sat[..., 1] > 0.01]
+    assert ni_band.size and np.max(ni_band) == pytest.approx(2 / 3, abs=0.01)
+    # The RGB band sits on the left, or on the right of flipped rows.
+    left = sat[:, :, :4, 0].mean(axis=(1, 2))
+    right = sat[:, :, -4:, 0].mean(axis=(1, 2))
+    flipped += int(np.sum(right > left))
+  assert 0 < flipped < 4 * P * K
+
+
+def test_saturation_map_op_counts_channels():
+  image = np.zeros((2, 3, 3), np.uint8)
+  image[0, 0] = (250, 249, 255)
+  image[1, 2] = (255, 255, 255)
+  data = ops.saturation_map(250, keys=("rgb",))({"rgb": tf.constant(image)})
+  sat = data[ops.SATURATION_KEY].numpy()
+  assert sat.dtype == np.uint8 and sat.shape == (2, 3, 3)
+  assert sat[0, 0, 0] == round(255 * 2 / 3) and sat[1, 2, 0] == 255
+  assert sat[..., 0].sum() == 170 + 255 and not sat[..., 1:].any()

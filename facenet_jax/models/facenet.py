@@ -15,6 +15,7 @@ Arrays are NHWC. B = batch, C = channels at the plug-in stage, D = channels of
 the stage-4 map (the per-stream feature dimension).
 """
 
+import math
 from typing import Any, Mapping
 
 import flax
@@ -44,9 +45,18 @@ class ModelOutput:
     logits: modality -> (B, num_classes) identity logits.
     masks: flare modality -> (B, h, w, C) hard {0, 1} flare masks at the plug-in
       resolution (straight-through gradient); empty without MFMP.
-    flare_logits: flare modality -> (B,) SMP "this image is flare-corrupted"
-      logits; empty without MFMP.
+    flare_logits: flare modality -> SMP "this image is flare-corrupted"
+      logits, (B, C) one per mask channel with smp = "mask" (positions
+      pooled), (B,) with smp = "head"; empty without MFMP.
     thresholds: flare modality -> () the learnable mask threshold Delta.
+    flare_maps: flare modality -> (B, h, w, C) mask margins
+      (m_S - Delta) / tau, the logits of the soft mask: SMP pools them over
+      positions (`smp = "mask"`) and the pixel-level target supervises them
+      at every position and channel; empty without MFMP.
+    fce_guides: flare modality -> (B, h, w, C) the TI map as FCE pastes it
+      (after `fce_projection`); empty without FCE.
+    plug_features: flare modality -> (B, h, w, C) f_S at the plug-in point,
+      before FCE; empty without FCE.
   """
   embedding: Array
   features: Mapping[str, Array]
@@ -54,6 +64,9 @@ class ModelOutput:
   masks: Mapping[str, Array]
   flare_logits: Mapping[str, Array]
   thresholds: Mapping[str, Array]
+  flare_maps: Mapping[str, Array] = flax.core.FrozenDict()
+  fce_guides: Mapping[str, Array] = flax.core.FrozenDict()
+  plug_features: Mapping[str, Array] = flax.core.FrozenDict()
 
 
 def _conv_bn_relu(x: Array, features: int, kernel: int, train: bool,
@@ -130,53 +143,107 @@ def straight_through_mask(logits: Array, threshold: Array,
   return soft + jax.lax.stop_gradient(hard - soft)
 
 
+SMP_MODES = ("mask", "head")
+SMP_POOLINGS = ("topk", "lse", "max", "mean")
+FCE_CLEAN = ("enhanced", "identity")
+FCE_INFERENCE_MASKS = ("hard", "soft")
+
+
+def pool_positions(position_logits: Array, pooling: str,
+                   topk_fraction: float) -> Array:
+  """Image-level flare logits from per-position logits, (B, h, w, C) -> (B, C).
+
+  Each channel is pooled over the h * w positions. topk: mean of the highest
+  ceil(topk_fraction * h * w) positions (a flare covers part of an image, so
+  the image is flared when its most flared part is); lse: log-mean-exp, a
+  smooth maximum that equals the value of a constant map; max; mean.
+  """
+  b, h, w, c = position_logits.shape
+  # Positions last: top_k works on the last axis.
+  flat = jnp.moveaxis(position_logits.reshape(b, h * w, c), 1, 2)
+  if pooling == "topk":
+    k = max(1, min(h * w, math.ceil(topk_fraction * h * w - 1e-9)))
+    return jnp.mean(jax.lax.top_k(flat, k)[0], axis=-1)
+  if pooling == "lse":
+    return jax.nn.logsumexp(flat, axis=-1) - jnp.log(float(h * w))
+  if pooling == "max":
+    return jnp.max(flat, axis=-1)
+  if pooling == "mean":
+    return jnp.mean(flat, axis=-1)
+  raise ValueError(f"model.smp_pooling must be one of {SMP_POOLINGS}, "
+                   f"got {pooling!r}")
+
+
 class FlareMask(nn.Module):
-  """Per-modality mask branch and SMP head for one flare-susceptible spectrum.
+  """Per-modality mask branch for one flare-susceptible spectrum.
 
   a_S = sigmoid(conv1x1(f_C) * conv1x1(f_S)); A_S = a_S * f_S + f_S;
-  m_S = conv1x1(A_S); M_S = 1[m_S > Delta] (straight-through). The SMP head
-  predicts "this image is flare-corrupted" from the masked feature M_S * f_S
-  (GAP -> Dense -> ReLU -> Dense(1)), trained against the pseudo-label delta_S.
+  m_S = conv1x1(A_S); M_S = 1[m_S > Delta] (straight-through). With
+  `detach` the branch reads a stop_gradient copy of f_S (the caller detaches
+  f_C's inputs), so that the flare losses train the branch but never the
+  backbones; A_S itself stays a
+  function of the live f_S (only a_S is computed from the copies), so the
+  identity losses train the streams through it as before.
+
+  With `smp_head` (the first reading of SMP, `smp = "head"`) a separate
+  classifier predicts "this image is flare-corrupted" from the masked feature
+  M_S * f_S (GAP -> Dense -> ReLU -> Dense(1)); the mask logits then get no
+  gradient from the flare BCE except through the straight-through mask,
+  which left the masks unsupervised (docs/model.md). It is kept for
+  comparison, with the parameter names of the first release.
 
   Attributes:
     channels: C.
     temperature: tau of the straight-through surrogate.
+    smp_head: build the separate SMP classifier.
+    detach: compute a_S and m_S from stop_gradient inputs.
   """
   channels: int
   temperature: float = 1.0
+  smp_head: bool = False
+  detach: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, f_common: Array, f_self: Array):
-    """Returns (A_S, M_S, flare logit (B,), Delta) for f_self (B, h, w, C)."""
+    """Maps f_self (B, h, w, C) to (A_S, m_S float32, Delta, M_S, head logit).
+
+    The head logit (B,) is None without `smp_head`.
+    """
+    sg = jax.lax.stop_gradient if self.detach else (lambda x: x)
+    branch_self = sg(f_self)
     affinity = nn.sigmoid(
         _conv1x1(self.channels, self.dtype, "common_proj")(f_common) *
-        _conv1x1(self.channels, self.dtype, "self_proj")(f_self))
+        _conv1x1(self.channels, self.dtype, "self_proj")(branch_self))
     enhanced = affinity * f_self + f_self
-    mask_logits = _conv1x1(self.channels, self.dtype, "mask_logits")(enhanced)
+    branch_enhanced = affinity * branch_self + branch_self
+    mask_logits = _conv1x1(self.channels, self.dtype, "mask_logits")(
+        branch_enhanced).astype(jnp.float32)
     threshold = self.param("threshold", nn.initializers.zeros, (), jnp.float32)
-    mask = straight_through_mask(mask_logits.astype(jnp.float32), threshold,
-                                 self.temperature)
-    pooled = jnp.mean(mask * f_self.astype(jnp.float32), axis=(1, 2))
-    hidden = nn.relu(nn.Dense(max(1, self.channels // 4), dtype=self.dtype,
-                              name="smp_hidden")(pooled))
-    flare_logit = nn.Dense(1, dtype=self.dtype, name="smp_out")(hidden)[:, 0]
-    return enhanced, mask, flare_logit.astype(jnp.float32), threshold
+    mask = straight_through_mask(mask_logits, threshold, self.temperature)
+    head_logit = None
+    if self.smp_head:
+      pooled = jnp.mean(mask * branch_self.astype(jnp.float32), axis=(1, 2))
+      hidden = nn.relu(nn.Dense(max(1, self.channels // 4), dtype=self.dtype,
+                                name="smp_hidden")(pooled))
+      head_logit = nn.Dense(1, dtype=self.dtype, name="smp_out")(
+          hidden)[:, 0].astype(jnp.float32)
+    return enhanced, mask_logits, threshold, mask, head_logit
 
 
 def flare_aware_enhancement(f_self: Array, f_guide: Array, mask: Array,
-                            enhanced: Array, flare: Array) -> Array:
+                            clean: Array, flare: Array) -> Array:
   """FCE (paper eq. 7), gated per sample by the pseudo-label.
 
   For a sample with delta_S = 1: f_S' = f_T * M_S + f_S * (1 - M_S); otherwise
-  f_S' = A_S (the paper: skipped, "replaced by the output of FMI"). A sample's
-  result never depends on other samples in its batch.
+  f_S' = `clean` (the paper: A_S, "replaced by the output of FMI"). A
+  sample's result never depends on other samples in its batch.
 
   Args:
     f_self: (B, h, w, C) f_S.
-    f_guide: (B, h, w, C) f_T, the flare-immune TI map.
-    mask: (B, h, w, C) hard mask M_S.
-    enhanced: (B, h, w, C) A_S.
+    f_guide: (B, h, w, C) f_T, the flare-immune TI map (or its projection).
+    mask: (B, h, w, C) mask M_S, hard {0, 1} or soft in [0, 1].
+    clean: (B, h, w, C) what a flare-free sample gets (A_S or f_S).
     flare: (B,) pseudo-label delta_S in {0, 1}.
 
   Returns:
@@ -185,7 +252,13 @@ def flare_aware_enhancement(f_self: Array, f_guide: Array, mask: Array,
   mask = mask.astype(f_self.dtype)
   restored = f_guide * mask + f_self * (1 - mask)
   gate = (flare > 0.5)[:, None, None, None]
-  return jnp.where(gate, restored, enhanced)
+  return jnp.where(gate, restored, clean)
+
+
+def _identity_kernel(key, shape, dtype=jnp.float32):
+  """A 1x1 convolution kernel that starts as the identity map."""
+  del key
+  return jnp.eye(shape[-2], shape[-1], dtype=dtype).reshape(shape)
 
 
 class StreamHead(nn.Module):
@@ -223,6 +296,20 @@ class FACENet(nn.Module):
     fmi_width: inner width of FMI's convolutions; 0 = C (paper-faithful).
     fmi_reduction: channel reduction of FMI's attention.
     mask_temperature: tau of the straight-through mask surrogate.
+    smp: "mask" (the flare logit is pooled from the mask logits, so the flare
+      BCE supervises the mask and Delta) or "head" (a separate classifier on
+      the masked feature; the first reading, kept for comparison).
+    smp_pooling: how "mask" pools positions: topk, lse, max, mean.
+    smp_topk_fraction: share of positions averaged by topk pooling.
+    mask_detach: the mask branch reads stop_gradient features, so the flare
+      losses do not train the backbones (beyond the paper).
+    fce_projection: FCE pastes conv1x1(f_T) (identity-initialised, one per
+      flare modality) instead of f_T itself (beyond the paper).
+    fce_clean: what a flare-free sample gets: "enhanced" (A_S, the paper) or
+      "identity" (f_S unchanged; beyond the paper).
+    fce_inference_mask: "hard" M_S at evaluation (the paper) or "soft"
+      sigmoid((m_S - Delta) / tau) (beyond the paper). Training always uses
+      the hard mask with its straight-through gradient.
     embedding_source: "before_bn" or "after_bn" stream features.
     dtype: compute dtype (parameters are float32).
   """
@@ -237,6 +324,13 @@ class FACENet(nn.Module):
   fmi_width: int = 0
   fmi_reduction: int = 16
   mask_temperature: float = 1.0
+  smp: str = "mask"
+  smp_pooling: str = "topk"
+  smp_topk_fraction: float = 0.25
+  mask_detach: bool = False
+  fce_projection: bool = False
+  fce_clean: str = "enhanced"
+  fce_inference_mask: str = "hard"
   embedding_source: str = "before_bn"
   dtype: Dtype = jnp.float32
 
@@ -246,6 +340,20 @@ class FACENet(nn.Module):
                        "that MFMP predicts.")
     if self.plug_stage not in (1, 2, 3, 4):
       raise ValueError(f"model.plug_stage must be 1-4, got {self.plug_stage}")
+    for field, value, allowed in (
+        ("smp", self.smp, SMP_MODES),
+        ("smp_pooling", self.smp_pooling, SMP_POOLINGS),
+        ("fce_clean", self.fce_clean, FCE_CLEAN),
+        ("fce_inference_mask", self.fce_inference_mask, FCE_INFERENCE_MASKS)):
+      if value not in allowed:
+        raise ValueError(f"model.{field} must be one of {allowed}, "
+                         f"got {value!r}")
+    if not 0.0 < self.smp_topk_fraction <= 1.0:
+      raise ValueError(f"model.smp_topk_fraction must be in (0, 1], got "
+                       f"{self.smp_topk_fraction}")
+    if self.mask_temperature <= 0:
+      raise ValueError(f"model.mask_temperature must be > 0, got "
+                       f"{self.mask_temperature}")
     if self.embedding_source not in EMBEDDING_SOURCES:
       raise ValueError(f"model.embedding must be one of {EMBEDDING_SOURCES}, "
                        f"got {self.embedding_source!r}")
@@ -271,25 +379,46 @@ class FACENet(nn.Module):
     for stage in range(1, self.plug_stage + 1):
       maps = {m: backbones[m].stage(stage, maps[m], train) for m in MODALITIES}
 
-    masks, flare_logits, thresholds = {}, {}, {}
+    masks, flare_logits, thresholds, flare_maps = {}, {}, {}, {}
+    guides, plug_features = {}, {}
     if self.use_mfmp:
       channels = maps["rgb"].shape[-1]
+      sg = jax.lax.stop_gradient if self.mask_detach else (lambda x: x)
       common = None
       if self.use_fmi:
         common = FMI(channels, self.fmi_width or channels, self.fmi_reduction,
-                     self.dtype, name="fmi")(maps["rgb"], maps["ni"], train)
+                     self.dtype, name="fmi")(sg(maps["rgb"]), sg(maps["ni"]),
+                                             train)
       for i, m in enumerate(FLARE_MODALITIES):
         # Without FMI each modality predicts its mask from itself alone.
-        source = common if common is not None else maps[m]
-        enhanced, mask, logit, threshold = FlareMask(
-            channels, self.mask_temperature, self.dtype,
-            name=f"{m}_mask")(source, maps[m])
-        masks[m], flare_logits[m], thresholds[m] = mask, logit, threshold
-        if self.use_fce:
-          maps[m] = flare_aware_enhancement(maps[m], maps[GUIDE_MODALITY], mask,
-                                            enhanced, flare[:, i])
+        source = common if common is not None else sg(maps[m])
+        enhanced, mask_logits, threshold, mask, head_logit = FlareMask(
+            channels, self.mask_temperature, self.smp == "head",
+            self.mask_detach, self.dtype, name=f"{m}_mask")(source, maps[m])
+        margin = (mask_logits - threshold) / self.mask_temperature
+        flare_maps[m] = margin
+        if self.smp == "mask":
+          flare_logits[m] = pool_positions(margin, self.smp_pooling,
+                                           self.smp_topk_fraction)
         else:
+          flare_logits[m] = head_logit
+        masks[m], thresholds[m] = mask, threshold
+        if not self.use_fce:
           maps[m] = enhanced
+          continue
+        guide = maps[GUIDE_MODALITY]
+        if self.fce_projection:
+          guide = nn.Conv(channels, (1, 1), use_bias=True,
+                          kernel_init=_identity_kernel, dtype=self.dtype,
+                          param_dtype=jnp.float32,
+                          name=f"{m}_fce_projection")(guide)
+        paste = mask
+        if not train and self.fce_inference_mask == "soft":
+          paste = nn.sigmoid(margin)
+        guides[m], plug_features[m] = guide, maps[m]
+        clean = enhanced if self.fce_clean == "enhanced" else maps[m]
+        maps[m] = flare_aware_enhancement(maps[m], guide, paste, clean,
+                                          flare[:, i])
 
     for stage in range(self.plug_stage + 1, 5):
       maps = {m: backbones[m].stage(stage, maps[m], train) for m in MODALITIES}
@@ -302,4 +431,5 @@ class FACENet(nn.Module):
     embedding = jnp.concatenate([source[m] for m in MODALITIES], axis=-1)
     return ModelOutput(embedding=embedding, features=features, logits=logits,
                        masks=masks, flare_logits=flare_logits,
-                       thresholds=thresholds)
+                       thresholds=thresholds, flare_maps=flare_maps,
+                       fce_guides=guides, plug_features=plug_features)
