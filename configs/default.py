@@ -24,6 +24,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ""
   # Root of a manually downloaded dataset in its original layout (real datasets).
   config.manual_dir = ""
+  # > 0: hold out this many training identities (a fixed-seed choice) as a
+  # validation query/gallery (eval.split = "val"); they leave training. 0: no
+  # carving; "val" then reads the dataset's own val_query/val_gallery
+  # (synthetic_flare has them, the real datasets do not).
+  config.val_ids = 0
   # Network input (H, W).
   config.input_size = (256, 128)
   # P x K identity-balanced training batches (official code: 8 x 4).
@@ -60,6 +65,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"
   # Path to an ImageNet ResNet state dict (.safetensors/.npz/.pth); "" = random.
   config.model.pretrained = ""
+  # Warm start from another run: "WORKDIR" (its latest checkpoint) or
+  # "WORKDIR:STEP". Every params/batch_stats leaf whose name and shape match
+  # is copied (the stream backbones must match exactly), the rest keeps its
+  # random init; optimizer and step start afresh. Exclusive with pretrained;
+  # ignored when the run resumes from its own checkpoint. "" = off.
+  config.model.init_from = ""
   # Ablation switches (all off = the paper's baseline).
   config.model.use_mfmp = True
   config.model.use_fmi = True
@@ -72,6 +83,25 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.fmi_attention_reduction = 16
   # Temperature of the straight-through mask gradient sigmoid((m - Delta)/tau).
   config.model.mask_temperature = 1.0
+  # SMP: "mask" pools the image-level flare logit from the mask logits
+  # mean_c(m - Delta) over positions, so the flare BCE supervises the mask and
+  # Delta (MISSION.md's reading of "SMP supervises the flare mask"); "head" is
+  # the first reading, a separate classifier on the masked feature.
+  config.model.smp = "mask"
+  # Pooling of positions for smp = "mask": topk | lse | max | mean.
+  config.model.smp_pooling = "topk"
+  config.model.smp_topk_fraction = 0.25
+  # Beyond the paper: the mask branch reads stop-gradient features, so the
+  # flare losses train the branch but not the backbones.
+  config.model.mask_detach = False
+  # Beyond the paper: FCE pastes an identity-initialised conv1x1(f_T).
+  config.model.fce_projection = False
+  # What a flare-free sample gets from FCE: "enhanced" (A_S, the paper) or
+  # "identity" (f_S unchanged; beyond the paper).
+  config.model.fce_clean = "enhanced"
+  # Mask FCE pastes with at evaluation: "hard" (the paper) or "soft"
+  # sigmoid((m - Delta)/tau) (beyond the paper).
+  config.model.fce_inference_mask = "hard"
   # Retrieval embedding from stream features "before_bn" or "after_bn" (neck).
   config.model.embedding = "before_bn"
 
@@ -83,6 +113,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.triplet_margin = 0.3
   config.loss.triplet_soft_margin = False
   config.loss.flare_weight = 1.0
+  # Beyond the paper (0 = off): per-position BCE of the flare logits against
+  # the raw image's saturation map (same >= pixel_low bar as delta), brought
+  # to the mask grid through the same augmentation.
+  config.loss.flare_pixel_weight = 0.0
+  # Beyond the paper (0 = off): on flare-free samples, regress what FCE
+  # pastes (conv1x1(f_T) with model.fce_projection) onto the stream's own map.
+  config.loss.fce_consistency_weight = 0.0
   # Modality relation loss: ic (paper) | none | 3m | hc | cdc (Table 5).
   config.loss.modality = "ic"
   config.loss.modality_weight = 1.0
@@ -112,4 +149,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.flip_average = False
   config.eval.rerank = False
   config.eval.max_rank = 50
+  # Which split is ranked: "test" (query vs gallery; reported numbers) or
+  # "val" (val_query vs val_gallery; for model and design choices).
+  config.eval.split = "test"
   return config

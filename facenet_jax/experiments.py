@@ -9,7 +9,10 @@ are skipped, an unfinished one resumes from its last checkpoint.
 
 Results are aggregated over seeds as mean +- sample standard deviation and
 written as markdown (`results_markdown`). A study run may not change its
-length or evaluation settings between invocations (STUDY_FIXED_FIELDS).
+length or evaluation settings between invocations (STUDY_FIXED_FIELDS), but
+for the evaluation split (eval.split): each split has its own results file
+(checkpointing.split_file), a run counts as finished for the split it has
+results of, and a run trained for one split is only evaluated on the other.
 """
 
 import dataclasses
@@ -23,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from facenet_jax import checkpointing
+from input_pipeline import pipeline
 
 # Overrides (dotted config path -> value) of each variant.
 _NO_MODALITY = {"loss.modality": "none"}
@@ -86,14 +90,16 @@ TABLES: dict[int, Table] = {
 # Config fields a study run may not change between invocations: unlike a
 # single run (checkpointing.RESUMABLE_FIELDS), a study must not splice two LR
 # schedules into one run (num_epochs, num_train_steps) or reuse results made
-# with other evaluation settings (eval).
+# with other evaluation settings (eval). The split (eval.split) may change:
+# the results of each split are kept apart.
 STUDY_FIXED_FIELDS = ("num_epochs", "num_train_steps", "eval")
 STUDY_RESUMABLE_FIELDS = tuple(f for f in checkpointing.RESUMABLE_FIELDS
-                               if f not in STUDY_FIXED_FIELDS)
+                               if f not in STUDY_FIXED_FIELDS) + ("eval.split",)
 METRICS = (("mAP", "mAP"), ("R-1", "rank1"), ("R-5", "rank5"),
            ("R-10", "rank10"))
 SUBSETS = ("all", "flare", "clean")
-RESULTS_FILE = "eval_results.json"
+# Results of the test split; checkpointing.split_file names the val split's.
+RESULTS_FILE = checkpointing.EVAL_RESULTS_FILE
 
 
 def parse_tables(numbers: Sequence) -> list[int]:
@@ -180,34 +186,56 @@ def expected_steps(workdir: str,
   return int(config.num_epochs * info["steps_per_epoch"])
 
 
-def finished_results(workdir: str,
-                     config: ml_collections.ConfigDict) -> Optional[dict]:
-  """The run's eval results if it finished training with this config.
+def finished_results(workdir: str, config: ml_collections.ConfigDict,
+                     split: Optional[str] = None) -> Optional[dict]:
+  """The run's eval results on a split if it finished training with config.
 
   A run counts as finished when its config.json matches `config` and its
-  eval_results.json is of the final step; anything else (no results, no
-  config.json, an evaluation of an earlier step) is unfinished.
+  results file of the split (eval_results.json for test,
+  eval_results_val.json for val) is of the final step; anything else (no
+  results, no config.json, an evaluation of an earlier step) is unfinished.
+
+  Args:
+    workdir: the run directory.
+    config: the run's config.
+    split: "test" or "val"; None = config.eval.split.
 
   Raises:
     CheckpointMismatchError: the workdir was started with another config.
   """
-  path = os.path.join(workdir, RESULTS_FILE)
+  split = config.eval.split if split is None else split
+  path = os.path.join(workdir, checkpointing.split_file(RESULTS_FILE, split))
   if not (os.path.exists(path) and
           os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE))):
     return None
   check_run(workdir, config)
   with open(path) as f:
     results = json.load(f)
-  if results.get("step") != expected_steps(workdir, config):
+  # Files written before eval.split existed hold test results.
+  if (results.get("step") != expected_steps(workdir, config) or
+      results.get("split", "test") != split):
     return None
   return results
+
+
+def finished_training(workdir: str,
+                      config: ml_collections.ConfigDict) -> bool:
+  """Whether the run finished training (it has final results on a split)."""
+  return any(finished_results(workdir, config, split) is not None
+             for split in pipeline.EVAL_SPLITS)
 
 
 def run_study(base: ml_collections.ConfigDict, root: str, tables: Sequence[int],
               seeds: Sequence[int],
               train_fn: Callable[[ml_collections.ConfigDict, str], dict],
-              on_result: Optional[Callable[[], None]] = None) -> dict:
+              on_result: Optional[Callable[[], None]] = None,
+              evaluate_fn: Optional[Callable[[ml_collections.ConfigDict, str],
+                                             dict]] = None) -> dict:
   """Trains and evaluates every (variant, seed) the tables need, resuming.
+
+  Everything is evaluated on base.eval.split. A run that finished training
+  but has no results on that split (it was evaluated on the other one) is
+  evaluated only.
 
   Args:
     base: the study's base config.
@@ -216,6 +244,8 @@ def run_study(base: ml_collections.ConfigDict, root: str, tables: Sequence[int],
     seeds: seeds; each variant runs once per seed.
     train_fn: train_and_evaluate(config, workdir) -> results.
     on_result: called after every finished run (e.g. to rewrite the tables).
+    evaluate_fn: evaluate_checkpoint(config, workdir) -> results, for runs
+      that finished training; None = train_fn (which then only evaluates).
 
   Returns:
     {variant: {seed: eval results}}.
@@ -234,6 +264,13 @@ def run_study(base: ml_collections.ConfigDict, root: str, tables: Sequence[int],
       logging.info("[%d/%d] %s seed %d: finished earlier, mAP %.1f", i,
                    len(plan), variant, seed, 100 * done["mAP"])
       results[variant][seed] = done
+      continue
+    if evaluate_fn is not None and finished_training(workdir, config):
+      print(f"[{i}/{len(plan)}] evaluating {variant} seed {seed} (trained "
+            f"earlier) on the {config.eval.split} split", flush=True)
+      results[variant][seed] = evaluate_fn(config, workdir)
+      if on_result is not None:
+        on_result()
       continue
     remaining = len(plan) - i + 1
     eta = ""
@@ -304,11 +341,14 @@ def aggregate(per_seed: Mapping[int, dict], subset: str) -> dict:
   return out
 
 
-def table_markdown(table: Table, results: Mapping[str, Mapping[int, dict]]
-                   ) -> str:
-  """One paper table as markdown: rows x {all, flare, clean} queries."""
+def table_markdown(table: Table, results: Mapping[str, Mapping[int, dict]],
+                   split: str = "test") -> str:
+  """One paper table as markdown: rows x {all, flare, clean} queries.
+
+  The title names the evaluation split the results come from.
+  """
   names = [name for name, _ in METRICS]
-  lines = [f"### Table {table.number}: {table.title}", "",
+  lines = [f"### Table {table.number}: {table.title} ({split} split)", "",
            "| Method | queries | seeds | " + " | ".join(names)
            + " | paper mAP / R-1 |",
            "|---|---|---:|" + "---:|" * len(names) + "---:|"]
@@ -327,10 +367,10 @@ def table_markdown(table: Table, results: Mapping[str, Mapping[int, dict]]
 
 def results_markdown(tables: Sequence[int],
                      results: Mapping[str, Mapping[int, dict]],
-                     header: str = "") -> str:
-  """All requested tables, after an optional header paragraph."""
+                     header: str = "", split: str = "test") -> str:
+  """All requested tables of one evaluation split, after a header."""
   parts = [header] if header else []
-  parts += [table_markdown(TABLES[n], results) for n in tables]
+  parts += [table_markdown(TABLES[n], results, split) for n in tables]
   return "\n".join(parts)
 
 

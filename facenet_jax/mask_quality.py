@@ -68,6 +68,37 @@ def load_with_masks(dataset: str, split: str, builder_config: str = "",
   return out
 
 
+def load_eval_split_with_masks(dataset: str, split: str,
+                               builder_config: str = "",
+                               data_dir: Optional[str] = None,
+                               val_ids: int = 0) -> dict:
+  """`load_with_masks` of the query + gallery images of an evaluation split.
+
+  Args:
+    dataset: TFDS name (synthetic_flare: the only one with masks).
+    split: "test" (query + gallery) or "val" (val_query + val_gallery; with
+      val_ids > 0, the training images of the identities carved out as the
+      validation split, as training does it).
+    builder_config: builder config name; "" for the builder's default.
+    data_dir: where TFDS keeps prepared datasets; None for its default.
+    val_ids: the run's config.val_ids.
+
+  Returns:
+    The `load_with_masks` dict of the query images, then the gallery's.
+  """
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  if split not in pipeline.EVAL_SPLITS:
+    raise ValueError(f"split must be one of {sorted(pipeline.EVAL_SPLITS)}, "
+                     f"got {split!r}")
+  if split == "val" and val_ids:
+    data = load_with_masks(dataset, "train", builder_config, data_dir)
+    keep = np.isin(data["pid"], pipeline.val_identities(data["pid"], val_ids))
+    return {k: v[keep] for k, v in data.items()}
+  parts = [load_with_masks(dataset, s, builder_config, data_dir)
+           for s in pipeline.EVAL_SPLITS[split]]
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def gt_at_resolution(gt: np.ndarray, size: Sequence[int],
                      min_fraction: float = 0.5) -> np.ndarray:
   """Area-pooled ground truth: (N, H, W) {0, 1} -> (N, h, w) bool.

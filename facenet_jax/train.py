@@ -78,8 +78,11 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FACENet:
       use_mfmp=m.use_mfmp, use_fmi=m.use_fmi, use_fce=m.use_fce,
       plug_stage=m.plug_stage, fmi_width=m.fmi_width,
       fmi_reduction=m.fmi_attention_reduction,
-      mask_temperature=m.mask_temperature, embedding_source=m.embedding,
-      dtype=DTYPES[m.dtype])
+      mask_temperature=m.mask_temperature, smp=m.smp,
+      smp_pooling=m.smp_pooling, smp_topk_fraction=m.smp_topk_fraction,
+      mask_detach=m.mask_detach, fce_projection=m.fce_projection,
+      fce_clean=m.fce_clean, fce_inference_mask=m.fce_inference_mask,
+      embedding_source=m.embedding, dtype=DTYPES[m.dtype])
 
 
 def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
@@ -158,8 +161,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
         {"params": params, "batch_stats": state.batch_stats},
         model_inputs(batch), batch["flare"], train=True,
         mutable=["batch_stats"])
-    loss, terms = losses.total_loss(out.logits, out.features, out.flare_logits,
-                                    batch["label"], batch["flare"], loss_cfg)
+    loss, terms = losses.total_loss(
+        out.logits, out.features, out.flare_logits, batch["label"],
+        batch["flare"], loss_cfg, flare_maps=out.flare_maps,
+        saturation=batch.get("saturation"), fce_guides=out.fce_guides,
+        plug_features=out.plug_features)
     return loss, (terms, out, updates["batch_stats"])
 
   grads, (terms, out, batch_stats) = jax.grad(loss_fn, has_aux=True)(
@@ -268,15 +274,154 @@ def load_pretrained(state: TrainState, path: str, depth: int,
                     opt_state=optimizer.init(variables["params"]))
 
 
+def parse_init_from(value: str) -> tuple[str, Optional[int]]:
+  """Splits model.init_from into the source workdir and step.
+
+  Args:
+    value: "WORKDIR" or "WORKDIR:STEP". The last colon starts STEP unless a
+      "/" follows it (then it is part of the path).
+
+  Returns:
+    (workdir, step); step None means the latest checkpoint.
+
+  Raises:
+    ValueError: an empty workdir, or a STEP that is not a non-negative integer.
+  """
+  workdir, colon, step = value.rpartition(":")
+  if not colon or "/" in step:
+    workdir, step = value, None
+  elif not step.isdigit():
+    raise ValueError(f"model.init_from={value!r}: expected 'WORKDIR' or "
+                     f"'WORKDIR:STEP' with STEP a checkpoint step (a "
+                     f"non-negative integer), got STEP {step!r}")
+  if not workdir:
+    raise ValueError(f"model.init_from={value!r}: no WORKDIR; expected "
+                     "'WORKDIR' or 'WORKDIR:STEP'")
+  return workdir, None if step is None else int(step)
+
+
+def _check_init_from(config: ml_collections.ConfigDict) -> None:
+  # Config errors fail before the data is loaded, also on resume.
+  if not config.model.init_from:
+    return
+  parse_init_from(config.model.init_from)
+  if config.model.pretrained:
+    raise ValueError(
+        f"model.init_from={config.model.init_from!r} and model.pretrained="
+        f"{config.model.pretrained!r} are exclusive: the warm start "
+        "overwrites every stream backbone, so the ImageNet weights would be "
+        "discarded (a source run started from them passes them on). Clear "
+        "one of the two.")
+
+
+def load_init_from(state: TrainState, init_from: str,
+                   optimizer: optax.GradientTransformation) -> TrainState:
+  """Warm start: copies another run's matching variables into a new state.
+
+  Every params and batch_stats leaf whose full name and shape match a leaf of
+  the source checkpoint is copied; the rest keeps its initialisation. The
+  stream backbones must match exactly. The optimizer state starts afresh and
+  the step is kept (0 for a new run).
+
+  Args:
+    state: the new run's freshly initialised state.
+    init_from: config.model.init_from, "WORKDIR" or "WORKDIR:STEP".
+    optimizer: the new run's optimizer, for a fresh optimizer state.
+
+  Returns:
+    The warm-started state as host arrays (put them on the mesh with
+    `put_replicated`).
+
+  Raises:
+    ValueError: a malformed init_from.
+    checkpointing.WarmStartError: the workdir has no checkpoints or not that
+      step, nothing matches, or the stream backbones differ.
+  """
+  workdir, step = parse_init_from(init_from)
+  variables = to_host({"params": state.params,
+                       "batch_stats": state.batch_stats})
+  try:
+    step, source = checkpointing.read_variables(workdir, step)
+    variables, report = checkpointing.copy_matching(
+        variables, source, exact=tuple(f"{m}_backbone" for m in MODALITIES))
+  except (FileNotFoundError, checkpointing.WarmStartError) as e:
+    raise checkpointing.WarmStartError(
+        f"model.init_from={init_from!r}: {e}") from e
+  logging.info("Warm start from %s step %d: %s", workdir, step,
+               report.summary())
+  for name, here, there in report.shape_mismatches:
+    logging.info("Warm start: kept %s, shape %s here, %s in the source", name,
+                 here, there)
+  return TrainState(step=to_host(state.step), params=variables["params"],
+                    batch_stats=variables["batch_stats"],
+                    opt_state=optimizer.init(variables["params"]))
+
+
 # --- Data ----------------------------------------------------------------------
+
+
+def val_ids(config: ml_collections.ConfigDict) -> int:
+  """config.val_ids, validated: training identities held out as val."""
+  value = config.val_ids
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f"config.val_ids must be a non-negative integer (0 = "
+                     f"no held-out identities), got {value!r}")
+  return value
+
+
+def eval_splits(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """The (query, gallery) splits that config.eval.split ranks."""
+  if config.eval.split not in pipeline.EVAL_SPLITS:
+    raise ValueError(f"config.eval.split must be one of "
+                     f"{sorted(pipeline.EVAL_SPLITS)}, got "
+                     f"{config.eval.split!r}")
+  return pipeline.EVAL_SPLITS[config.eval.split]
 
 
 def split_data(config: ml_collections.ConfigDict,
                split: str) -> pipeline.SplitData:
-  """The split as the model sees it: loaded, then CLAHE'd if configured."""
-  data = pipeline.load_split(
-      config.dataset, split, builder_config=config.dataset_config,
-      data_dir=config.data_dir or None, manual_dir=config.manual_dir or None)
+  """The split as the model sees it: loaded, then CLAHE'd if configured.
+
+  With config.val_ids > 0, that many training identities are held out
+  (pipeline.carve_val): "train" is what remains and "val_query" /
+  "val_gallery" are made of the held-out ones, also on datasets that have
+  validation splits of their own (synthetic_flare). With val_ids = 0 the
+  validation splits are the dataset's.
+
+  Args:
+    config: the run configuration.
+    split: train | query | gallery | val_query | val_gallery.
+
+  Returns:
+    The split.
+
+  Raises:
+    pipeline.MissingSplitError: a validation split was asked for, the
+      dataset has none and config.val_ids is 0.
+  """
+  num_val = val_ids(config)
+  load = functools.partial(
+      pipeline.load_split, config.dataset,
+      builder_config=config.dataset_config, data_dir=config.data_dir or None,
+      manual_dir=config.manual_dir or None)
+  val_splits = pipeline.EVAL_SPLITS["val"]
+  if num_val and split in ("train",) + val_splits:
+    train = load("train")
+    if num_val >= train.num_ids:
+      raise ValueError(f"config.val_ids={num_val} must be smaller than the "
+                       f"{train.num_ids} training identities of "
+                       f"{config.dataset}")
+    data = pipeline.carve_val(train, num_val)[split]
+  else:
+    try:
+      data = load(split)
+    except pipeline.MissingSplitError as e:
+      if split not in val_splits:
+        raise
+      raise pipeline.MissingSplitError(
+          f"{e}. The dataset has no validation split of its own: set "
+          "config.val_ids > 0 to hold out that many training identities as "
+          "one (docs/data.md, 'Validation splits').") from e
   if config.preprocess.clahe:
     data = deflare.clahe_split(data, config.preprocess.clahe_clip_limit)
   return data
@@ -298,6 +443,13 @@ def _check_flare(config: ml_collections.ConfigDict) -> None:
         f"flare_ratio measured at {features.FLARE_PIXEL_LOW} (input_pipeline/"
         "datasets/features.py); change FLARE_PIXEL_LOW and rebuild them to "
         "use another bar.")
+
+
+def _check_eval_split(config: ml_collections.ConfigDict) -> None:
+  # Fails before training, not after it, when the split cannot be evaluated.
+  query_split, _ = eval_splits(config)
+  if query_split in pipeline.EVAL_SPLITS["val"] and not val_ids(config):
+    split_data(config, query_split)
 
 
 def _check_batch(config: ml_collections.ConfigDict, sharding: Sharding) -> None:
@@ -324,14 +476,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Args:
     config: the run configuration.
     workdir: where checkpoints, config.json, TensorBoard logs and
-      eval_results.json go.
+      the evaluation results go.
 
   Returns:
-    The evaluation results (also written to WORKDIR/eval_results.json).
+    The evaluation results on config.eval.split (also written to
+    WORKDIR/eval_results.json for test, eval_results_val.json for val).
   """
   sharding = Sharding.create()
   _check_batch(config, sharding)
   _check_flare(config)
+  _check_eval_split(config)
+  _check_init_from(config)
   ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
   checkpointing.check_config(workdir, config,
                              has_state=ckpt.latest_step() is not None)
@@ -365,6 +520,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           load_pretrained(state, config.model.pretrained,
                           parse_depth(config.model.backbone), optimizer),
           sharding.replicated)
+    if config.model.init_from:
+      state = put_replicated(
+          load_init_from(state, config.model.init_from, optimizer),
+          sharding.replicated)
   start_step = int(to_host(state.step))
 
   writer = metric_writers.create_default_writer(
@@ -386,7 +545,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       random_erasing_prob=config.augment.random_erasing_prob,
       flare_threshold=config.flare.ratio_threshold, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(),
+      saturation=config.loss.flare_pixel_weight > 0,
+      saturation_bar=config.flare.pixel_low)
 
   report = periodic_actions.ReportProgress(num_train_steps=num_steps,
                                            writer=writer)
@@ -526,18 +687,27 @@ def rank(config: ml_collections.ConfigDict, query: dict,
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, model: FACENet,
              state: TrainState, sharding: Sharding) -> dict:
-  """Ranks the gallery for every query and writes WORKDIR/eval_results.json."""
+  """Ranks the gallery for every query of config.eval.split.
+
+  Writes WORKDIR/eval_results.json (test split) or eval_results_val.json
+  (val split), so that evaluating one split keeps the other's results.
+  """
+  query_split, gallery_split = eval_splits(config)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   start = time.time()
-  query = extract(config, model, variables, "query", sharding)
-  gallery = extract(config, model, variables, "gallery", sharding)
+  query = extract(config, model, variables, query_split, sharding)
+  gallery = extract(config, model, variables, gallery_split, sharding)
   results = rank(config, query, gallery)
   results["step"] = int(to_host(state.step))
   results["dataset"] = config.dataset
-  logging.info("Evaluated step %d in %.1fs: %s", results["step"],
-               time.time() - start, json.dumps(results))
+  results["split"] = config.eval.split
+  logging.info("Evaluated step %d on %s/%s in %.1fs: %s", results["step"],
+               query_split, gallery_split, time.time() - start,
+               json.dumps(results))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+    path = os.path.join(workdir, checkpointing.split_file(
+        checkpointing.EVAL_RESULTS_FILE, config.eval.split))
+    with open(path, "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)
     print(evaluation.format_results(results))
   return results

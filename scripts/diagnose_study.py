@@ -4,7 +4,9 @@
       --workdir /tmp/facenet_study
 
 For each finished run of the chosen variants (the same --config and
---workdir as scripts/experiments.py), on the test split:
+--workdir as scripts/experiments.py), on the test split
+(--config.eval.split=val: on the validation split, as experiments.py
+--split=val; the runs need results on that split):
   * per-stream retrieval: rank with the RGB, NI or TI segment of the
     embedding alone, next to the full embedding;
   * for variants with FCE, "FCE off at test": the same checkpoint evaluated
@@ -12,7 +14,7 @@ For each finished run of the chosen variants (the same --config and
     are replaced by TI features at test time (training is unchanged).
 These are measurements of the final checkpoints, not a model selection: the
 tables of scripts/experiments.py stay what is reported. The markdown goes to
-WORKDIR/diagnostics.md.
+WORKDIR/diagnostics.md (diagnostics_val.md for the validation split).
 """
 
 import os
@@ -25,6 +27,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
+from facenet_jax import checkpointing  # noqa: E402
 from facenet_jax import experiments  # noqa: E402
 from facenet_jax import train  # noqa: E402
 from facenet_jax.constants import MODALITIES  # noqa: E402
@@ -45,8 +48,11 @@ def diagnose_run(config, workdir: str) -> dict:
   """{probe name: rank_report} for one finished run."""
   model, state, sharding = train.restore_for_eval(config, workdir)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  split = {s: train.extract(config, model, variables, s, sharding)
-           for s in ("query", "gallery")}
+  query_split, gallery_split = train.eval_splits(config)
+  split = {"query": train.extract(config, model, variables, query_split,
+                                  sharding),
+           "gallery": train.extract(config, model, variables, gallery_split,
+                                    sharding)}
   reports = {"full embedding": train.rank(config, split["query"],
                                           split["gallery"])}
   segments = {s: experiments.modality_segments(split[s]["embedding"],
@@ -56,8 +62,10 @@ def diagnose_run(config, workdir: str) -> dict:
         config, {**split["query"], "embedding": segments["query"][m]},
         {**split["gallery"], "embedding": segments["gallery"][m]})
   if config.model.use_fce:
-    off = {s: train.extract(config, model, variables, s, sharding,
-                            zero_flare=True) for s in split}
+    off = {s: train.extract(config, model, variables, name, sharding,
+                            zero_flare=True)
+           for s, name in (("query", query_split),
+                           ("gallery", gallery_split))}
     reports["FCE off at test"] = train.rank(config, off["query"],
                                             off["gallery"])
   return reports
@@ -94,12 +102,14 @@ def main(argv):
       rows.append(f"| {variant} | {probe} | {len(per_seed)} | "
                   + " | ".join(cells) + " |")
   text = "\n".join([
-      "### Diagnostics (final checkpoints, test split; not used to select "
-      "anything)", "",
+      f"### Diagnostics (final checkpoints, {base.eval.split} split; not "
+      "used to select anything)", "",
       "| variant | probe | seeds | mAP | R-1 | flare mAP | flare R-1 | "
       "clean mAP | clean R-1 |",
       "|---|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""])
-  with open(os.path.join(root, DIAGNOSTICS_FILE), "w") as f:
+  path = os.path.join(root, checkpointing.split_file(DIAGNOSTICS_FILE,
+                                                     base.eval.split))
+  with open(path, "w") as f:
     f.write(text)
   print(text)
 

@@ -16,6 +16,15 @@ RGB/NI masks of the MFMP variants with and without FMI are scored against the
 ground-truth flare masks (WORKDIR/results.md, "Mask quality") and drawn next
 to them in WORKDIR/mask_figure.png. Base-config fields can be overridden as
 in main.py (--config.num_train_steps=...), which changes every variant.
+
+--split=val evaluates every run on the validation split instead of the test
+split (for design choices; the test tables stay what is reported):
+synthetic_flare's val_query/val_gallery, or with --config.val_ids=N the N
+training identities held out of every run. Its outputs carry a "_val" suffix
+(results_val.md, mask_figure_val.png, each run's eval_results_val.json and
+mask_quality_val.json), so the two splits never overwrite each other. Runs
+trained under one --split are not trained again under the other, only
+evaluated on its split.
 """
 
 import json
@@ -34,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
+from facenet_jax import checkpointing  # noqa: E402
 from facenet_jax import experiments  # noqa: E402
 from facenet_jax import mask_quality  # noqa: E402
 from facenet_jax import train  # noqa: E402
@@ -54,6 +64,9 @@ _MIN_FRACTION = flags.DEFINE_float(
     "at least this fraction of its pixels is.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False,
                              "Print the runs the study needs and stop.")
+_SPLIT = flags.DEFINE_enum(
+    "split", "test", ["test", "val"], "Evaluation split of every run (sets "
+    "eval.split): test (reported) or val (for design choices).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Mask variants: (label, figure title, variant), without FMI first (Figure
@@ -95,10 +108,19 @@ def _header(config, tables, seeds, root) -> str:
   h, w = config.input_size
   length = (f"{config.num_train_steps} steps" if config.num_train_steps > 0
             else f"{config.num_epochs} epochs")
+  if config.eval.split == "test":
+    split = "the test split (query vs gallery)"
+  elif config.val_ids:
+    split = (f"the validation split carved from train (config.val_ids = "
+             f"{config.val_ids} training identities held out of every run, "
+             "one query per identity and camera)")
+  else:
+    split = ("the validation split (val_query vs val_gallery, identities "
+             "disjoint from train and test)")
   return "\n".join([
       "# FACENet ablations on synthetic_flare", "",
-      f"- Data: {config.dataset}/{config.dataset_config}; metrics on the "
-      "test split (query vs gallery), final checkpoint, no selection.",
+      f"- Data: {config.dataset}/{config.dataset_config}; metrics on "
+      f"{split}, final checkpoint, no selection.",
       f"- Model: {config.model.backbone} x{config.model.width_multiplier} per "
       f"stream, {h}x{w} inputs, last stride {config.model.last_stride}, "
       f"dtype {config.model.dtype}.",
@@ -119,13 +141,10 @@ def _mask_section(config, root, seeds, variants) -> str:
   present = [(label, v) for label, _, v in MASK_VARIANTS if v in variants]
   if not present:
     return ""
-  data = {}
-  for split in ("query", "gallery"):
-    part = mask_quality.load_with_masks(config.dataset, split,
-                                        config.dataset_config,
-                                        config.data_dir or None)
-    data = {k: np.concatenate([data[k], part[k]]) if data else part[k]
-            for k in part}
+  split = config.eval.split
+  data = mask_quality.load_eval_split_with_masks(
+      config.dataset, split, config.dataset_config, config.data_dir or None,
+      train.val_ids(config))
   figure_masks = {}
   rows = []
   for label, variant in present:
@@ -137,7 +156,8 @@ def _mask_section(config, root, seeds, variants) -> str:
         continue
       scores = mask_quality.score_run(cfg, workdir, data, _MIN_FRACTION.value)
       per_seed.append(scores)
-      with open(os.path.join(workdir, "mask_quality.json"), "w") as f:
+      with open(os.path.join(workdir, checkpointing.split_file(
+          "mask_quality.json", split)), "w") as f:
         json.dump({m: scores[m] for m in ("rgb", "ni")}, f, indent=2)
       if variant not in figure_masks:
         figure_masks[variant] = scores
@@ -153,23 +173,25 @@ def _mask_section(config, root, seeds, variants) -> str:
                   f"| {first['num_flare']} / {first['num_clean']} |")
   if not rows:
     return ""
-  _write_figure(root, data, figure_masks)
+  figure_file = checkpointing.split_file(FIGURE_FILE, split)
+  _write_figure(os.path.join(root, figure_file), data, figure_masks)
   return "\n".join([
-      "### Mask quality (the paper's Figure 5, measured)", "",
+      f"### Mask quality (the paper's Figure 5, measured; {split} split)", "",
       "Predicted hard masks M_S (plug-in resolution, every channel) against "
       "the ground-truth flare masks area-pooled to that resolution (a cell is "
       f"flare when >= {_MIN_FRACTION.value:g} of its pixels are), on the "
-      "query + gallery images. IoU over the images with flare at that "
-      "resolution; \"all-ones IoU\" is what predicting flare everywhere "
-      "scores; coverage is the fraction of the mask that is 1.", "",
+      f"query + gallery images of the {split} split. IoU over the images "
+      "with flare at that resolution; \"all-ones IoU\" is what predicting "
+      "flare everywhere scores; coverage is the fraction of the mask that "
+      "is 1.", "",
       "| Model | modality | seeds | IoU | all-ones IoU | coverage, flare "
       "images | coverage, flare-free images | images (flare / flare-free) |",
       "|---|---|---:|---:|---:|---:|---:|---:|", *rows,
-      "", f"Figure: [{FIGURE_FILE}]({FIGURE_FILE}) (the first seed with a "
+      "", f"Figure: [{figure_file}]({figure_file}) (the first seed with a "
       "finished run).", ""])
 
 
-def _write_figure(root, data, figure_masks) -> None:
+def _write_figure(path, data, figure_masks) -> None:
   """Figure 5 made concrete: image, ground truth, masks w/o and with FMI."""
   variants = list(figure_masks)
   titles = {v: title for _, title, v in MASK_VARIANTS}
@@ -184,7 +206,7 @@ def _write_figure(root, data, figure_masks) -> None:
                    first["gt"][m][i].astype(np.float32)]
                   + [figure_masks[v]["masks"][m][i] for v in variants])
       labels.append(f"{m} {i}")
-  with open(os.path.join(root, FIGURE_FILE), "wb") as f:
+  with open(path, "wb") as f:
     f.write(mask_quality.figure(rows, columns, labels))
 
 
@@ -197,6 +219,12 @@ def main(argv):
     tables = [2] if _QUICK.value else experiments.parse_tables(_TABLES.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  if config.eval.split != _SPLIT.value:
+    if config.eval.split != "test":
+      raise app.UsageError(
+          f"--split={_SPLIT.value} but the config sets eval.split="
+          f"{config.eval.split!r}; choose the split with --split only")
+    config.eval.split = _SPLIT.value
   seeds = _seeds()
   variants = experiments.variants_of(tables)
   if _DRY_RUN.value:
@@ -210,19 +238,21 @@ def main(argv):
   # Seeds of one variant compile the same programs: cache them on disk.
   jax.config.update("jax_compilation_cache_dir",
                     os.path.join(root, "xla_cache"))
-  results_path = os.path.join(root, "results.md")
+  results_path = os.path.join(
+      root, checkpointing.split_file("results.md", config.eval.split))
 
   def write_tables(extra: str = "") -> None:
     text = experiments.results_markdown(
         tables, experiments.collect(config, root, variants, seeds),
-        _header(config, tables, seeds, root))
+        _header(config, tables, seeds, root), config.eval.split)
     with open(results_path, "w") as f:
       f.write(text + ("\n" + extra if extra else ""))
 
   print(f"{len(variants)} variants x {len(seeds)} seeds; results in "
         f"{results_path}", flush=True)
   experiments.run_study(config, root, tables, seeds, _timed_train,
-                        on_result=write_tables)
+                        on_result=write_tables,
+                        evaluate_fn=train.evaluate_checkpoint)
   masks = ""
   if _MASKS.value:
     logging.info("Scoring the predicted masks...")

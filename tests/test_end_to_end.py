@@ -23,6 +23,9 @@ from facenet_jax import mask_quality
 from facenet_jax import train
 import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
 from input_pipeline import pipeline
+from input_pipeline.datasets import synthetic_flare
+
+_TINY = synthetic_flare.SyntheticFlare.builder_configs["tiny"]
 
 
 def _config(data_dir: str):
@@ -55,6 +58,7 @@ class EndToEndTest(absltest.TestCase):
                 "num_query", "num_gallery"):
       self.assertIn(key, saved)
     self.assertEqual(saved["step"], 4)
+    self.assertEqual(saved["split"], "test")
     self.assertEqual(saved["num_query"], 12)
     self.assertEqual(saved["num_gallery"], 23)
     self.assertEqual(saved["flare"]["num_query"] + saved["clean"]["num_query"],
@@ -80,6 +84,50 @@ class EndToEndTest(absltest.TestCase):
     results = train.evaluate_checkpoint(_config(self.data_dir), self.workdir)
     for key in ("mAP", "rank1", "rank5", "mINP"):
       self.assertAlmostEqual(results[key], self.results[key], places=6)
+
+  def test_val_split_is_evaluated_beside_the_test_split(self):
+    test_path = os.path.join(self.workdir, "eval_results.json")
+    with open(test_path) as f:
+      test_results = f.read()
+    config = _config(self.data_dir)
+    config.eval.split = "val"
+    results = train.evaluate_checkpoint(config, self.workdir)
+    with open(os.path.join(self.workdir, "eval_results_val.json")) as f:
+      saved = json.load(f)
+    self.assertEqual(saved["split"], "val")
+    self.assertEqual(saved["step"], 4)
+    self.assertEqual(saved["mAP"], results["mAP"])
+    self.assertEqual(saved["num_query"],
+                     _TINY.num_val_ids * _TINY.query_cameras)
+    self.assertEqual(saved["num_gallery"],
+                     len(synthetic_flare.plan_split(_TINY, "val_gallery")))
+    with open(test_path) as f:
+      self.assertEqual(f.read(), test_results)
+
+  def test_val_split_carved_from_train(self):
+    config = _config(self.data_dir)
+    config.val_ids = 3
+    parts = {s: train.split_data(config, s)
+             for s in ("train", "val_query", "val_gallery")}
+    held = set(parts["val_query"].pid.tolist())
+    self.assertLen(held, 3)
+    self.assertEqual(parts["train"].num_ids, _TINY.num_train_ids - 3)
+    self.assertTrue(all(p < _TINY.num_train_ids for p in held))
+    self.assertEqual(set(parts["val_gallery"].pid.tolist()), held)
+    # The mask scoring of the val split sees the same held-out images.
+    masks = mask_quality.load_eval_split_with_masks(
+        "synthetic_flare", "val", "tiny", self.data_dir, val_ids=3)
+    self.assertEqual(set(masks["pid"].tolist()), held)
+    self.assertLen(masks["pid"], parts["val_query"].num_examples
+                   + parts["val_gallery"].num_examples)
+    own = mask_quality.load_eval_split_with_masks("synthetic_flare", "val",
+                                                  "tiny", self.data_dir)
+    self.assertTrue(np.all(own["pid"] >= synthetic_flare.VAL_PID_OFFSET))
+    # The held-out ids change the training data: not for a trained run.
+    config.eval.split = "val"
+    with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
+                                "val_ids"):
+      train.evaluate_checkpoint(config, self.workdir)
 
   def test_changed_config_is_refused(self):
     config = _config(self.data_dir)

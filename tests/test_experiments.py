@@ -18,11 +18,11 @@ from facenet_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def _fake_results(seed: int, steps: int) -> dict:
+def _fake_results(seed: int, steps: int, split: str = "test") -> dict:
   """Eval results whose metrics are a known function of the seed."""
   metrics = {"mAP": 0.1 * (seed + 1), "rank1": 0.2, "rank5": 0.5,
              "rank10": 0.25 * (seed + 1), "num_query": 10}
-  return {**metrics, "step": steps,
+  return {**metrics, "step": steps, "split": split,
           "flare": {**metrics, "num_query": 4, "mAP": 0.05},
           "clean": {**metrics, "num_query": 6}}
 
@@ -119,7 +119,10 @@ class AggregateTest(absltest.TestCase):
     text = experiments.table_markdown(experiments.TABLES[3], results)
     lines = text.splitlines()
     self.assertEqual(lines[0], "### Table 3: Comparison with a classical "
-                     "de-flare method")
+                     "de-flare method (test split)")
+    self.assertIn("### Table 3: Comparison with a classical de-flare method "
+                  "(val split)",
+                  experiments.results_markdown([3], results, split="val"))
     rows = [line for line in lines if line.startswith("| ")][1:]
     self.assertLen(rows, 3 * len(experiments.TABLES[3].rows))
     self.assertEqual(rows[0], "| Baseline | all (10) | 2 | 15.0 ± 7.1 | "
@@ -155,8 +158,15 @@ class RunStudyTest(absltest.TestCase):
     """Stands in for train_and_evaluate: writes what a finished run writes."""
     self.calls.append((config.seed, workdir))
     checkpointing.check_config(workdir, config, has_state=False)
-    results = _fake_results(config.seed, config.num_train_steps)
-    with open(os.path.join(workdir, experiments.RESULTS_FILE), "w") as f:
+    return self._evaluate(config, workdir)
+
+  def _evaluate(self, config, workdir):
+    """Stands in for evaluate_checkpoint: the results file of the split."""
+    results = _fake_results(config.seed, config.num_train_steps,
+                            config.eval.split)
+    name = checkpointing.split_file(experiments.RESULTS_FILE,
+                                    config.eval.split)
+    with open(os.path.join(workdir, name), "w") as f:
       json.dump(results, f)
     return results
 
@@ -204,6 +214,42 @@ class RunStudyTest(absltest.TestCase):
     with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
                                 "num_train_steps"):
       experiments.run_study(longer, self.root, [3], [0], self._train)
+
+  def test_the_other_split_is_evaluated_not_trained_nor_reused(self):
+    experiments.run_study(self.base, self.root, [3], [0], self._train)
+    val = tiny.get_config()
+    val.eval.split = "val"
+    workdir = experiments.run_dir(self.root, "baseline", 0)
+    run_test = experiments.variant_config(self.base, "baseline", 0)
+    run_val = experiments.variant_config(val, "baseline", 0)
+    # Test results do not count as val results, nor the other way round.
+    self.assertIsNone(experiments.finished_results(workdir, run_val))
+    self.assertTrue(experiments.finished_training(workdir, run_val))
+    evaluated = []
+
+    def evaluate(config, workdir):
+      evaluated.append((config.eval.split, workdir))
+      return self._evaluate(config, workdir)
+
+    self.calls.clear()
+    results = experiments.run_study(val, self.root, [3], [0], self._train,
+                                    evaluate_fn=evaluate)
+    self.assertEmpty(self.calls)
+    self.assertLen(evaluated, 3)
+    self.assertEqual({s for s, _ in evaluated}, {"val"})
+    self.assertEqual(results["baseline"][0]["split"], "val")
+    # Both splits' results are kept; each is finished on its own split.
+    self.assertEqual(
+        experiments.finished_results(workdir, run_val)["split"], "val")
+    self.assertEqual(
+        experiments.finished_results(workdir, run_test)["split"], "test")
+    with open(os.path.join(workdir, experiments.RESULTS_FILE), "w") as f:
+      json.dump(_fake_results(0, 4, "val"), f)  # mislabelled file
+    self.assertIsNone(experiments.finished_results(workdir, run_test))
+    # Without evaluate_fn a run of an unfinished split goes to train_fn.
+    self.calls.clear()
+    experiments.run_study(self.base, self.root, [3], [0], self._train)
+    self.assertEqual(self.calls, [(0, workdir)])
 
   def test_a_run_of_another_config_is_not_reused(self):
     experiments.run_study(self.base, self.root, [3], [0], self._train)
@@ -268,6 +314,28 @@ class ScriptTest(absltest.TestCase):
     self.assertNotIn("training", out)
     with open(os.path.join(self.root, "results.md")) as f:
       self.assertEqual(f.read(), text)
+    # The validation split: the trained runs are only evaluated, on their own
+    # files; the test tables stay as they were.
+    out = self._run(*args, "--split=val")
+    self.assertNotIn("training", out)
+    self.assertIn("evaluating baseline seed 0 (trained earlier) on the val "
+                  "split", out)
+    with open(os.path.join(self.root, "results_val.md")) as f:
+      val_text = f.read()
+    for line in ("### Table 3: Comparison with a classical de-flare method "
+                 "(val split)", "metrics on the validation split (val_query",
+                 "| Baseline | all (8) | 1 |",
+                 "### Mask quality (the paper's Figure 5, measured; val split)",
+                 "| MFMP + FCE | rgb | 1 |", "mask_figure_val.png"):
+      self.assertIn(line, val_text)
+    with open(os.path.join(self.root, "results.md")) as f:
+      self.assertEqual(f.read(), text)
+    run = experiments.run_dir(self.root, "mfmp_fce", 0)
+    with open(os.path.join(run, "eval_results_val.json")) as f:
+      self.assertEqual(json.load(f)["split"], "val")
+    self.assertTrue(os.path.exists(os.path.join(run, "mask_quality_val.json")))
+    self.assertTrue(os.path.exists(os.path.join(self.root,
+                                                "mask_figure_val.png")))
     # Diagnostics of the finished runs: per-stream ranking, FCE off at test.
     self._run("--variants=baseline,mfmp_fce", "--seeds=0",
               f"--config.data_dir={self.data_dir}", "--config.num_train_steps=2",

@@ -187,6 +187,65 @@ class OlderRunDirectoryTest(absltest.TestCase):
                                 "preprocess.clahe"):
       checkpointing.check_config(workdir, config, has_state=True, write=False)
 
+  def test_config_json_without_val_fields_reads_as_test_and_no_val_ids(self):
+    workdir = tempfile.mkdtemp()
+    config = tiny.get_config()
+    saved = checkpointing.config_to_dict(config)
+    del saved["val_ids"], saved["eval"]["split"]  # before validation splits
+    with open(os.path.join(workdir, checkpointing.CONFIG_FILE), "w") as f:
+      json.dump(saved, f)
+    loaded = checkpointing.load_config(workdir)
+    self.assertEqual(loaded.val_ids, 0)
+    self.assertEqual(loaded.eval.split, "test")
+    self.assertEqual(loaded.eval.max_rank, config.eval.max_rank)
+    checkpointing.check_config(workdir, config, has_state=True, write=False)
+    # The evaluation split may differ between a run and its restore ...
+    config.eval.split = "val"
+    checkpointing.check_config(workdir, config, has_state=True, write=False)
+    # ... the held-out identities may not: they change the training data.
+    config.val_ids = 3
+    with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
+                                "val_ids: saved 0, now 3"):
+      checkpointing.check_config(workdir, config, has_state=True, write=False)
+
+  def test_dotted_ignore_covers_one_field(self):
+    workdir = tempfile.mkdtemp()
+    config = tiny.get_config()
+    checkpointing.check_config(workdir, config, has_state=False)
+    config.eval.split = "val"
+    checkpointing.check_config(workdir, config, has_state=True, write=False,
+                               ignore=("eval.split",))
+    config.eval.rerank = True
+    with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
+                                "eval.rerank"):
+      checkpointing.check_config(workdir, config, has_state=True, write=False,
+                                 ignore=("eval.split",))
+
+
+class EvalSplitConfigTest(absltest.TestCase):
+
+  def test_split_names_and_file_names(self):
+    config = tiny.get_config()
+    self.assertEqual(train.eval_splits(config), ("query", "gallery"))
+    config.eval.split = "val"
+    self.assertEqual(train.eval_splits(config), ("val_query", "val_gallery"))
+    self.assertEqual(checkpointing.split_file("eval_results.json", "test"),
+                     "eval_results.json")
+    self.assertEqual(checkpointing.split_file("eval_results.json", "val"),
+                     "eval_results_val.json")
+
+  def test_bad_values_name_the_field(self):
+    config = tiny.get_config()
+    config.eval.split = "dev"
+    with self.assertRaisesRegex(ValueError,
+                                "config.eval.split must be one of.*'dev'"):
+      train.eval_splits(config)
+    for bad in (-1, True):
+      config = tiny.get_config()
+      config.val_ids = bad
+      with self.assertRaisesRegex(ValueError, "config.val_ids"):
+        train.val_ids(config)
+
 
 if __name__ == "__main__":
   absltest.main()
