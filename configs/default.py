@@ -102,6 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Mask FCE pastes with at evaluation: "hard" (the paper) or "soft"
   # sigmoid((m - Delta)/tau) (beyond the paper).
   config.model.fce_inference_mask = "hard"
+  # Beyond the paper when False: FCE's straight-through gradient from the
+  # identity losses does not reach the mask (only the flare losses train it).
+  config.model.fce_mask_gradient = True
   # Retrieval embedding from stream features "before_bn" or "after_bn" (neck).
   config.model.embedding = "before_bn"
 

@@ -34,7 +34,9 @@ EVAL_RESULTS_FILE = "eval_results.json"
 # they change the loop or the evaluation, not the shapes or meaning of state.
 RESUMABLE_FIELDS = ("num_epochs", "num_train_steps", "log_every_steps",
                     "checkpoint_every_steps", "keep_checkpoints", "eval",
-                    "data_dir", "manual_dir", "eval_batch_size")
+                    "data_dir", "manual_dir", "eval_batch_size",
+                    # Which mask FCE pastes with at evaluation: no state.
+                    "model.fce_inference_mask")
 
 
 # Config fields added after the first release, with the values that
@@ -49,7 +51,8 @@ ADDED_FIELDS = {"preprocess": {"clahe": False, "clahe_clip_limit": 0.01},
                           "smp_pooling": "topk", "smp_topk_fraction": 0.25,
                           "mask_detach": False, "fce_projection": False,
                           "fce_clean": "enhanced",
-                          "fce_inference_mask": "hard"},
+                          "fce_inference_mask": "hard",
+                          "fce_mask_gradient": True},
                 "loss": {"flare_pixel_weight": 0.0,
                          "fce_consistency_weight": 0.0},
                 "val_ids": 0}

@@ -82,6 +82,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FACENet:
       smp_pooling=m.smp_pooling, smp_topk_fraction=m.smp_topk_fraction,
       mask_detach=m.mask_detach, fce_projection=m.fce_projection,
       fce_clean=m.fce_clean, fce_inference_mask=m.fce_inference_mask,
+      fce_mask_gradient=m.fce_mask_gradient,
       embedding_source=m.embedding, dtype=DTYPES[m.dtype])
 
 
@@ -91,6 +92,11 @@ def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
   if unknown:
     raise ValueError(f"Unknown config.loss fields: {sorted(unknown)}; "
                      f"known: {sorted(fields)}")
+  if (config.loss.fce_consistency_weight > 0 and config.model.use_fce and
+      not config.model.fce_projection):
+    raise ValueError(
+        "loss.fce_consistency_weight > 0 trains FCE's TI projection: it needs "
+        "model.fce_projection=True (or weight 0)")
   return losses.LossConfig(**config.loss.to_dict())
 
 

@@ -87,7 +87,7 @@ def main(argv):
   for variant in _VARIANTS.value:
     per_probe: dict = {}
     for seed in seeds:
-      config = experiments.variant_config(base, variant, seed)
+      config = experiments.variant_config(base, variant, seed, root)
       workdir = experiments.run_dir(root, variant, seed)
       if experiments.finished_results(workdir, config) is None:
         continue

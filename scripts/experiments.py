@@ -53,7 +53,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory.")
 _TABLES = flags.DEFINE_list("tables", ["2", "3", "4", "5"],
-                            "Paper tables to reproduce (2, 3, 4, 5).")
+                            "Tables to run: the paper's 2, 3, 4, 5, and 9 (warm "
+                            "start from the baseline, beyond the paper).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every variant.")
 _QUICK = flags.DEFINE_bool("quick", False,
                            "Table 2 with one seed (the first of --seeds).")
@@ -73,7 +74,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 # 5's b and c).
 MASK_VARIANTS = (("MFMP (w/o FMI) + FCE", "w/o FMI", "mfmp_nofmi_fce"),
                  ("MFMP + FCE", "with FMI", "mfmp_fce"),
-                 ("FACENet", "FACENet", "facenet"))
+                 ("FACENet", "FACENet", "facenet"),
+                 ("FACENet, warm-started", "FACENet ws", "facenet_ws"))
 FIGURE_FILE = "mask_figure.png"
 FIGURE_EXAMPLES = 4
 WALL_TIME_FILE = "wall_time.json"
@@ -151,7 +153,7 @@ def _mask_section(config, root, seeds, variants) -> str:
     per_seed = []
     for seed in seeds:
       workdir = experiments.run_dir(root, variant, seed)
-      cfg = experiments.variant_config(config, variant, seed)
+      cfg = experiments.variant_config(config, variant, seed, root)
       if experiments.finished_results(workdir, cfg) is None:
         continue
       scores = mask_quality.score_run(cfg, workdir, data, _MIN_FRACTION.value)

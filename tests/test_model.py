@@ -344,6 +344,50 @@ class FCEOptionsTest(absltest.TestCase):
     np.testing.assert_allclose(proj.fce_guides["rgb"], out.fce_guides["rgb"],
                                rtol=1e-5, atol=1e-6)
 
+  def test_consistency_trains_the_projection_not_the_ti_stream(self):
+    model, variables = _tiny_variables(fce_projection=True)
+    images = _images(jax.random.key(11), 4)
+    flare = jnp.array([[0., 0.], [1., 0.], [0., 1.], [0., 0.]])
+
+    def consistency(params):
+      out, _ = model.apply({"params": params,
+                            "batch_stats": variables["batch_stats"]},
+                           images, flare, train=True, mutable=["batch_stats"])
+      return sum(losses.fce_consistency(out.fce_guides[m], out.plug_features[m],
+                                        flare[:, i])
+                 for i, m in enumerate(("rgb", "ni")))
+
+    grads = jax.jit(jax.grad(consistency))(variables["params"])
+    norm = lambda tree: float(sum(jnp.abs(x).sum()
+                                  for x in jax.tree.leaves(tree)))
+    self.assertGreater(norm(grads["rgb_fce_projection"]), 0.0)
+    self.assertEqual(norm(grads["ti_backbone"]), 0.0)
+    self.assertEqual(norm(grads["rgb_backbone"]), 0.0)  # The target is fixed.
+
+  def test_mask_gradient_switch_stops_identity_gradient_at_the_mask(self):
+    images = _images(jax.random.key(12), 4)
+    flare = jnp.ones((4, 2))
+
+    def grads_of(**overrides):
+      model, variables = _tiny_variables(**overrides)
+
+      def identity(params):
+        out, _ = model.apply({"params": params,
+                              "batch_stats": variables["batch_stats"]},
+                             images, flare, train=True,
+                             mutable=["batch_stats"])
+        return sum(jnp.sum(out.features[m] ** 2) for m in ("rgb", "ni"))
+
+      return jax.jit(jax.grad(identity))(variables["params"])
+
+    with_grad = grads_of(fce_clean="identity")
+    without = grads_of(fce_clean="identity", fce_mask_gradient=False)
+    mask_kernel = lambda g: float(jnp.abs(
+        g["rgb_mask"]["mask_logits"]["kernel"]).sum())
+    self.assertGreater(mask_kernel(with_grad), 0.0)
+    self.assertEqual(mask_kernel(without), 0.0)
+    self.assertEqual(float(without["rgb_mask"]["threshold"]), 0.0)
+
   def test_clean_identity_passes_features_unchanged(self):
     images = _images(jax.random.key(9), 2)
     flare = jnp.zeros((2, 2))

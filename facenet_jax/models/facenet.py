@@ -54,7 +54,9 @@ class ModelOutput:
       positions (`smp = "mask"`) and the pixel-level target supervises them
       at every position and channel; empty without MFMP.
     fce_guides: flare modality -> (B, h, w, C) the TI map as FCE pastes it
-      (after `fce_projection`); empty without FCE.
+      (after `fce_projection`), computed from a stop-gradient f_T: the input
+      of the consistency loss, whose gradient so reaches the projection
+      only; empty without FCE.
     plug_features: flare modality -> (B, h, w, C) f_S at the plug-in point,
       before FCE; empty without FCE.
   """
@@ -310,6 +312,11 @@ class FACENet(nn.Module):
     fce_inference_mask: "hard" M_S at evaluation (the paper) or "soft"
       sigmoid((m_S - Delta) / tau) (beyond the paper). Training always uses
       the hard mask with its straight-through gradient.
+    fce_mask_gradient: the identity losses reach the mask through FCE's
+      straight-through gradient (the paper's reading). False stops it, so
+      that only the flare losses shape the mask (beyond the paper): the
+      identity losses otherwise learn to switch the mask off when pasting
+      costs them.
     embedding_source: "before_bn" or "after_bn" stream features.
     dtype: compute dtype (parameters are float32).
   """
@@ -331,6 +338,7 @@ class FACENet(nn.Module):
   fce_projection: bool = False
   fce_clean: str = "enhanced"
   fce_inference_mask: str = "hard"
+  fce_mask_gradient: bool = True
   embedding_source: str = "before_bn"
   dtype: Dtype = jnp.float32
 
@@ -407,15 +415,22 @@ class FACENet(nn.Module):
           maps[m] = enhanced
           continue
         guide = maps[GUIDE_MODALITY]
+        # What the consistency loss reads: the same projection of a
+        # stop-gradient f_T, so that the loss trains the projection and
+        # leaves the TI stream to the identity losses (pulling f_T itself
+        # towards f_S made the TI features less discriminative).
+        consistency_guide = jax.lax.stop_gradient(guide)
         if self.fce_projection:
-          guide = nn.Conv(channels, (1, 1), use_bias=True,
-                          kernel_init=_identity_kernel, dtype=self.dtype,
-                          param_dtype=jnp.float32,
-                          name=f"{m}_fce_projection")(guide)
-        paste = mask
+          projection = nn.Conv(channels, (1, 1), use_bias=True,
+                               kernel_init=_identity_kernel, dtype=self.dtype,
+                               param_dtype=jnp.float32,
+                               name=f"{m}_fce_projection")
+          consistency_guide = projection(consistency_guide)
+          guide = projection(guide)
+        paste = mask if self.fce_mask_gradient else jax.lax.stop_gradient(mask)
         if not train and self.fce_inference_mask == "soft":
           paste = nn.sigmoid(margin)
-        guides[m], plug_features[m] = guide, maps[m]
+        guides[m], plug_features[m] = consistency_guide, maps[m]
         clean = enhanced if self.fce_clean == "enhanced" else maps[m]
         maps[m] = flare_aware_enhancement(maps[m], guide, paste, clean,
                                           flare[:, i])
