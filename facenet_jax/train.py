@@ -552,7 +552,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       flare_threshold=config.flare.ratio_threshold, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count(),
-      saturation=config.loss.flare_pixel_weight > 0,
+      saturation=config.loss.flare_pixel_weight > 0 and config.model.use_mfmp,
       saturation_bar=config.flare.pixel_low)
 
   report = periodic_actions.ReportProgress(num_train_steps=num_steps,
