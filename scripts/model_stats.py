@@ -36,8 +36,11 @@ VARIANTS = (
     ("baseline (3 streams, CE + triplet)", dict(use_mfmp=False,
                                                 use_fce=False)),
     ("+ MFMP w/o FMI + FCE", dict(use_fmi=False)),
-    ("FACENet, full-width FMI", dict()),
+    ("FACENet, full-width FMI (paper reading)", dict()),
     ("FACENet, reduced FMI", dict(fmi_width=-1)),
+    ("FACENet, full-width FMI, first SMP reading (head)", dict(smp="head")),
+    ("FACENet, full-width FMI, defaults (+ FCE projection)",
+     dict(fce_projection=True)),
 )
 
 
