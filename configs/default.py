@@ -1,4 +1,4 @@
-"""Default configuration: the paper's recipe (FACENet, section 5) on WMVeID863-like data.
+"""Default configuration: the paper's training recipe (section 5), WMVeID863-like data.
 
 The training recipe is the paper's. The flare mechanism's defaults are what
 the validation split of synthetic_flare chose (docs/results.md), several of
@@ -17,7 +17,7 @@ import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """Returns the paper-faithful configuration."""
+  """The paper's training recipe with the flare mechanism chosen on val."""
   config = ml_collections.ConfigDict()
 
   # --- Data -------------------------------------------------------------------
@@ -88,10 +88,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.fmi_attention_reduction = 16
   # Temperature of the straight-through mask gradient sigmoid((m - Delta)/tau).
   config.model.mask_temperature = 1.0
-  # SMP: "mask" pools the image-level flare logit from the mask logits
-  # mean_c(m - Delta) over positions, so the flare BCE supervises the mask and
-  # Delta (MISSION.md's reading of "SMP supervises the flare mask"); "head" is
-  # the first reading, a separate classifier on the masked feature.
+  # SMP: "mask" pools, per channel, the mask margins (m - Delta)/tau over
+  # positions into image-level flare logits and averages their BCE over the
+  # channels, so the flare loss supervises the mask and Delta (MISSION.md's
+  # reading of "SMP supervises the flare mask"); "head" is the first reading,
+  # a separate classifier on the masked feature.
   config.model.smp = "mask"
   # Pooling of positions for smp = "mask": topk | lse | max | mean.
   config.model.smp_pooling = "topk"

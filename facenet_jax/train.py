@@ -92,6 +92,13 @@ def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
   if unknown:
     raise ValueError(f"Unknown config.loss fields: {sorted(unknown)}; "
                      f"known: {sorted(fields)}")
+  if (config.loss.flare_pixel_weight > 0 and config.model.use_mfmp and
+      config.preprocess.clahe):
+    raise ValueError(
+        "loss.flare_pixel_weight > 0 with preprocess.clahe: the pixel-level "
+        "target would be measured on the CLAHE-enhanced images, not on the "
+        "raw ones the pseudo-label delta comes from; set "
+        "loss.flare_pixel_weight=0 (or preprocess.clahe=False)")
   if (config.loss.fce_consistency_weight > 0 and config.model.use_fce and
       not config.model.fce_projection):
     raise ValueError(
@@ -491,6 +498,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   sharding = Sharding.create()
   _check_batch(config, sharding)
   _check_flare(config)
+  loss_config(config)  # Loss-config errors before any data is loaded.
   _check_eval_split(config)
   _check_init_from(config)
   ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)

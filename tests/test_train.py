@@ -29,6 +29,22 @@ def _batch(rng: np.random.Generator, config) -> dict:
   return batch
 
 
+class LossConfigTest(absltest.TestCase):
+
+  def test_incompatible_flare_options_are_refused(self):
+    config = tiny.get_config()
+    config.preprocess.clahe = True
+    with self.assertRaisesRegex(ValueError, "preprocess.clahe"):
+      train.loss_config(config)
+    config.loss.flare_pixel_weight = 0.0
+    train.loss_config(config)
+    config.model.fce_projection = False
+    with self.assertRaisesRegex(ValueError, "fce_projection"):
+      train.loss_config(config)
+    config.loss.fce_consistency_weight = 0.0
+    self.assertEqual(train.loss_config(config).flare_pixel_weight, 0.0)
+
+
 class DataParallelTest(absltest.TestCase):
 
   def test_eight_devices_match_one(self):
