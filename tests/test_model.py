@@ -37,6 +37,20 @@ def _tiny_variables(**overrides):
       jax.random.key(0), _images(jax.random.key(1), 2), flare)
 
 
+def _train_grads(model, variables, images, flare, objective):
+  """Gradients w.r.t. the params of objective(ModelOutput), train mode."""
+  def loss(params):
+    out, _ = model.apply({"params": params,
+                          "batch_stats": variables["batch_stats"]},
+                         images, flare, train=True, mutable=["batch_stats"])
+    return objective(out)
+  return jax.jit(jax.grad(loss))(variables["params"])
+
+
+def _abs_sum(tree) -> float:
+  return float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(tree)))
+
+
 class ResNetTest(parameterized.TestCase):
 
   @parameterized.parameters(18, 50)
@@ -137,14 +151,10 @@ class TinyModelTest(parameterized.TestCase):
     images = _images(jax.random.key(2), 4)
     flare = jnp.array([[1., 1.], [1., 0.], [0., 1.], [0., 0.]])
 
-    def loss(params):
-      out, _ = model.apply({"params": params,
-                            "batch_stats": variables["batch_stats"]},
-                           images, flare, train=True, mutable=["batch_stats"])
-      return (sum(jnp.sum(l ** 2) for l in out.logits.values()) +
-              sum(jnp.sum(f) for f in out.flare_logits.values()))
-
-    grads = jax.jit(jax.grad(loss))(variables["params"])
+    grads = _train_grads(
+        model, variables, images, flare,
+        lambda out: (sum(jnp.sum(l ** 2) for l in out.logits.values()) +
+                     sum(jnp.sum(f) for f in out.flare_logits.values())))
     self.assertTrue(all(np.all(np.isfinite(g))
                         for g in jax.tree.leaves(grads)))
     for m in ("rgb", "ni"):
@@ -256,14 +266,10 @@ class MaskSupervisionTest(parameterized.TestCase):
     images = _images(jax.random.key(6), 4)
     flare = jnp.array([[1., 1.], [1., 0.], [0., 1.], [0., 0.]])
 
-    def flare_loss(params):
-      out, _ = model.apply({"params": params,
-                            "batch_stats": variables["batch_stats"]},
-                           images, flare, train=True, mutable=["batch_stats"])
-      return sum(losses.flare_bce(out.flare_logits[m], flare[:, i])
-                 for i, m in enumerate(("rgb", "ni")))
-
-    return jax.jit(jax.grad(flare_loss))(variables["params"])
+    return _train_grads(
+        model, variables, images, flare,
+        lambda out: sum(losses.flare_bce(out.flare_logits[m], flare[:, i])
+                        for i, m in enumerate(("rgb", "ni"))))
 
   def test_flare_bce_reaches_mask_logits_and_threshold(self):
     grads = self._flare_grads()
@@ -284,13 +290,11 @@ class MaskSupervisionTest(parameterized.TestCase):
   def test_detach_keeps_flare_loss_out_of_backbones(self):
     attached = self._flare_grads()
     detached = self._flare_grads(mask_detach=True)
-    norm = lambda tree: float(sum(jnp.abs(x).sum()
-                                  for x in jax.tree.leaves(tree)))
-    self.assertGreater(norm(attached["rgb_backbone"]), 0.0)
-    self.assertEqual(norm(detached["rgb_backbone"]), 0.0)
-    self.assertEqual(norm(detached["ti_backbone"]), 0.0)
-    self.assertGreater(norm(detached["rgb_mask"]["mask_logits"]), 0.0)
-    self.assertGreater(norm(detached["fmi"]), 0.0)
+    self.assertGreater(_abs_sum(attached["rgb_backbone"]), 0.0)
+    self.assertEqual(_abs_sum(detached["rgb_backbone"]), 0.0)
+    self.assertEqual(_abs_sum(detached["ti_backbone"]), 0.0)
+    self.assertGreater(_abs_sum(detached["rgb_mask"]["mask_logits"]), 0.0)
+    self.assertGreater(_abs_sum(detached["fmi"]), 0.0)
 
   @parameterized.parameters("topk", "lse", "max", "mean")
   def test_pooling_of_a_constant_map_is_the_constant(self, pooling):
@@ -349,20 +353,15 @@ class FCEOptionsTest(absltest.TestCase):
     images = _images(jax.random.key(11), 4)
     flare = jnp.array([[0., 0.], [1., 0.], [0., 1.], [0., 0.]])
 
-    def consistency(params):
-      out, _ = model.apply({"params": params,
-                            "batch_stats": variables["batch_stats"]},
-                           images, flare, train=True, mutable=["batch_stats"])
-      return sum(losses.fce_consistency(out.fce_guides[m], out.plug_features[m],
-                                        flare[:, i])
-                 for i, m in enumerate(("rgb", "ni")))
-
-    grads = jax.jit(jax.grad(consistency))(variables["params"])
-    norm = lambda tree: float(sum(jnp.abs(x).sum()
-                                  for x in jax.tree.leaves(tree)))
-    self.assertGreater(norm(grads["rgb_fce_projection"]), 0.0)
-    self.assertEqual(norm(grads["ti_backbone"]), 0.0)
-    self.assertEqual(norm(grads["rgb_backbone"]), 0.0)  # The target is fixed.
+    grads = _train_grads(
+        model, variables, images, flare,
+        lambda out: sum(losses.fce_consistency(
+            out.fce_guides[m], out.plug_features[m], flare[:, i])
+                        for i, m in enumerate(("rgb", "ni"))))
+    self.assertGreater(_abs_sum(grads["rgb_fce_projection"]), 0.0)
+    self.assertEqual(_abs_sum(grads["ti_backbone"]), 0.0)
+    # The target is fixed.
+    self.assertEqual(_abs_sum(grads["rgb_backbone"]), 0.0)
 
   def test_mask_gradient_switch_stops_identity_gradient_at_the_mask(self):
     images = _images(jax.random.key(12), 4)
@@ -370,15 +369,9 @@ class FCEOptionsTest(absltest.TestCase):
 
     def grads_of(**overrides):
       model, variables = _tiny_variables(**overrides)
-
-      def identity(params):
-        out, _ = model.apply({"params": params,
-                              "batch_stats": variables["batch_stats"]},
-                             images, flare, train=True,
-                             mutable=["batch_stats"])
-        return sum(jnp.sum(out.features[m] ** 2) for m in ("rgb", "ni"))
-
-      return jax.jit(jax.grad(identity))(variables["params"])
+      return _train_grads(
+          model, variables, images, flare,
+          lambda out: sum(jnp.sum(out.features[m] ** 2) for m in ("rgb", "ni")))
 
     with_grad = grads_of(fce_clean="identity")
     without = grads_of(fce_clean="identity", fce_mask_gradient=False)
