@@ -189,15 +189,22 @@ class ConfigMappingTest(absltest.TestCase):
     np.testing.assert_array_equal(updates["threshold"], 0.0)
 
 
+def _older_run(config, edit) -> str:
+  """A workdir whose config.json is `config` as `edit` trims it in place."""
+  workdir = tempfile.mkdtemp()
+  saved = checkpointing.config_to_dict(config)
+  edit(saved)
+  with open(os.path.join(workdir, checkpointing.CONFIG_FILE), "w") as f:
+    json.dump(saved, f)
+  return workdir
+
+
 class OlderRunDirectoryTest(absltest.TestCase):
 
   def test_config_json_without_later_fields_still_matches(self):
-    workdir = tempfile.mkdtemp()
     config = tiny.get_config()
-    saved = checkpointing.config_to_dict(config)
-    del saved["preprocess"]  # written before CLAHE existed
-    with open(os.path.join(workdir, checkpointing.CONFIG_FILE), "w") as f:
-      json.dump(saved, f)
+    # Written before CLAHE existed.
+    workdir = _older_run(config, lambda saved: saved.pop("preprocess"))
     checkpointing.check_config(workdir, config, has_state=True, write=False)
     self.assertFalse(checkpointing.load_config(workdir).preprocess.clahe)
     config.preprocess.clahe = True
@@ -206,12 +213,12 @@ class OlderRunDirectoryTest(absltest.TestCase):
       checkpointing.check_config(workdir, config, has_state=True, write=False)
 
   def test_config_json_without_val_fields_reads_as_test_and_no_val_ids(self):
-    workdir = tempfile.mkdtemp()
     config = tiny.get_config()
-    saved = checkpointing.config_to_dict(config)
-    del saved["val_ids"], saved["eval"]["split"]  # before validation splits
-    with open(os.path.join(workdir, checkpointing.CONFIG_FILE), "w") as f:
-      json.dump(saved, f)
+
+    def before_validation_splits(saved):
+      del saved["val_ids"], saved["eval"]["split"]
+
+    workdir = _older_run(config, before_validation_splits)
     loaded = checkpointing.load_config(workdir)
     self.assertEqual(loaded.val_ids, 0)
     self.assertEqual(loaded.eval.split, "test")
@@ -225,6 +232,27 @@ class OlderRunDirectoryTest(absltest.TestCase):
     with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
                                 "val_ids: saved 0, now 3"):
       checkpointing.check_config(workdir, config, has_state=True, write=False)
+
+  def test_config_json_before_the_mask_rework_reads_as_its_first_reading(self):
+    config = tiny.get_config()
+    fields = ("smp", "smp_pooling", "smp_topk_fraction", "mask_detach",
+              "fce_projection", "fce_clean", "fce_inference_mask",
+              "fce_mask_gradient")
+
+    def before_mask_rework(saved):
+      for name in fields:
+        del saved["model"][name]
+      del saved["loss"]["flare_pixel_weight"]
+      del saved["loss"]["fce_consistency_weight"]
+
+    loaded = checkpointing.load_config(_older_run(config, before_mask_rework))
+    self.assertEqual(loaded.model.smp, "head")
+    self.assertFalse(loaded.model.mask_detach or loaded.model.fce_projection)
+    self.assertEqual(loaded.model.fce_clean, "enhanced")
+    self.assertTrue(loaded.model.fce_mask_gradient)
+    self.assertEqual(loaded.loss.flare_pixel_weight, 0.0)
+    self.assertEqual(loaded.loss.fce_consistency_weight, 0.0)
+    self.assertEqual(loaded.model.backbone, config.model.backbone)
 
   def test_dotted_ignore_covers_one_field(self):
     workdir = tempfile.mkdtemp()
