@@ -60,6 +60,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.preprocess.clahe = False
   # scikit-image's normalised clip limit, in (0, 1].
   config.preprocess.clahe_clip_limit = 0.01
+  # How training images reach the step (no effect on the batches themselves):
+  # cache = "auto" decodes and resizes the training split once into memory
+  # when it fits in cache_max_gb (uint8, 3 images + the saturation map when
+  # the pixel target is on) and streams from the encoded bytes otherwise;
+  # "memory" always caches, "stream" never does. device_prefetch batches are
+  # put on the device in a background thread while the previous step runs.
+  config.input = ml_collections.ConfigDict()
+  config.input.cache = "auto"
+  config.input.cache_max_gb = 4.0
+  config.input.device_prefetch = 2
 
   # --- Model ------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()

@@ -35,6 +35,8 @@ EVAL_RESULTS_FILE = "eval_results.json"
 RESUMABLE_FIELDS = ("num_epochs", "num_train_steps", "log_every_steps",
                     "checkpoint_every_steps", "keep_checkpoints", "eval",
                     "data_dir", "manual_dir", "eval_batch_size",
+                    # How the input is fed (cache, prefetch), not what it is.
+                    "input",
                     # Which mask FCE pastes with at evaluation: no state.
                     "model.fce_inference_mask")
 
@@ -55,6 +57,8 @@ ADDED_FIELDS = {"preprocess": {"clahe": False, "clahe_clip_limit": 0.01},
                           "fce_mask_gradient": True},
                 "loss": {"flare_pixel_weight": 0.0,
                          "fce_consistency_weight": 0.0},
+                "input": {"cache": "auto", "cache_max_gb": 4.0,
+                          "device_prefetch": 2},
                 "val_ids": 0}
 
 

@@ -12,8 +12,10 @@ import functools
 import json
 import math
 import os
+import queue
+import threading
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from absl import logging
 from clu import metric_writers
@@ -440,6 +442,101 @@ def split_data(config: ml_collections.ConfigDict,
   return data
 
 
+INPUT_CACHE_MODES = ("auto", "memory", "stream")
+
+
+def _check_input(config: ml_collections.ConfigDict) -> None:
+  if config.input.cache not in INPUT_CACHE_MODES:
+    raise ValueError(f"config.input.cache must be one of {INPUT_CACHE_MODES}, "
+                     f"got {config.input.cache!r}")
+  if not config.input.cache_max_gb >= 0:
+    raise ValueError(f"config.input.cache_max_gb must be >= 0, got "
+                     f"{config.input.cache_max_gb!r}")
+  prefetch = config.input.device_prefetch
+  if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+    raise ValueError(f"config.input.device_prefetch must be an integer >= 0, "
+                     f"got {prefetch!r}")
+
+
+def training_cache(config: ml_collections.ConfigDict,
+                   data: pipeline.SplitData,
+                   saturation: bool) -> Optional[pipeline.DecodedImages]:
+  """The training split decoded into memory, if config.input.cache says so.
+
+  "auto" caches when the decoded split fits in config.input.cache_max_gb;
+  the choice and its size are logged. None = stream from the encoded bytes.
+  """
+  _check_input(config)
+  size = tuple(config.input_size)
+  gigabytes = pipeline.decoded_nbytes(data, size, saturation) / 2**30
+  mode = config.input.cache
+  if mode == "stream" or (mode == "auto" and
+                          gigabytes > config.input.cache_max_gb):
+    logging.info("Training input: streaming, decoding every image as it is "
+                 "drawn (config.input.cache=%s; decoded split %.2f GB, "
+                 "cache_max_gb %.1f).", mode, gigabytes,
+                 config.input.cache_max_gb)
+    return None
+  start = time.perf_counter()
+  cache = pipeline.decode_split(
+      data, size,
+      saturation_bar=config.flare.pixel_low if saturation else None)
+  logging.info("Training input: %d triplets decoded into memory, %.2f GB, in "
+               "%.1f s (config.input.cache=%s).", data.num_examples,
+               gigabytes, time.perf_counter() - start, mode)
+  return cache
+
+
+def device_prefetch(batches: Iterator[Any], put: Callable[[Any], Any],
+                    size: int) -> Iterator[Any]:
+  """Yields put(batch) for each batch, with `size` of them prepared ahead.
+
+  A background thread draws from `batches` and puts the arrays on the devices
+  while the caller runs the previous step, so neither the host-side batch
+  nor the transfer waits for the step. Order is kept; an error in the
+  thread is raised in the caller at the batch where it happened. size 0
+  draws and puts in the caller's thread.
+  """
+  if size == 0:
+    for batch in batches:
+      yield put(batch)
+    return
+  ready = queue.Queue(maxsize=size)
+  stop = threading.Event()
+
+  def offer(item) -> bool:
+    while not stop.is_set():
+      try:
+        ready.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def work():
+    try:
+      for batch in batches:
+        if not offer(("batch", put(batch))):
+          return
+    except BaseException as e:  # pylint: disable=broad-except
+      offer(("error", e))
+      return
+    offer(("end", None))
+
+  thread = threading.Thread(target=work, name="device_prefetch", daemon=True)
+  thread.start()
+  try:
+    while True:
+      kind, item = ready.get()
+      if kind == "error":
+        raise item
+      if kind == "end":
+        return
+      yield item
+  finally:
+    stop.set()
+
+
 def normalization(config: ml_collections.ConfigDict):
   """Per-modality (mean, std), each float32 (3, 3) in [RGB, NI, TI] order."""
   return (np.asarray(config.normalization.mean, np.float32),
@@ -499,6 +596,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   _check_batch(config, sharding)
   _check_flare(config)
   loss_config(config)  # Loss-config errors before any data is loaded.
+  _check_input(config)
   _check_eval_split(config)
   _check_init_from(config)
   ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
@@ -551,6 +649,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   step_fn = compile_train_step(model, optimizer, loss_config(config), schedule,
                                sharding)
   mean, std = normalization(config)
+  saturation = config.loss.flare_pixel_weight > 0 and config.model.use_mfmp
   batches = pipeline.train_batches(
       train_data, ids_per_batch=config.ids_per_batch,
       instances_per_id=config.instances_per_id,
@@ -560,16 +659,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       flare_threshold=config.flare.ratio_threshold, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count(),
-      saturation=config.loss.flare_pixel_weight > 0 and config.model.use_mfmp,
-      saturation_bar=config.flare.pixel_low)
+      saturation=saturation, saturation_bar=config.flare.pixel_low,
+      cache=training_cache(config, train_data, saturation))
+  batches = device_prefetch(batches, sharding.global_batch,
+                            config.input.device_prefetch)
 
   report = periodic_actions.ReportProgress(num_train_steps=num_steps,
                                            writer=writer)
   pending = []
   last_saved = start_step
   for step in range(start_step + 1, num_steps + 1):
-    local = next(batches)
-    state, metrics = step_fn(state, sharding.global_batch(local))
+    state, metrics = step_fn(state, next(batches))
     pending.append(metrics)
     report(step)
     is_last = step == num_steps

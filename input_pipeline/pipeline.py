@@ -360,13 +360,17 @@ def _map_batches(generator, first: dict[str, np.ndarray], per_example: ops.Op,
   # Normalising whole uint8 batches costs a few ops per batch, not per example.
   ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds.map(per_batch, num_parallel_calls=parallel).prefetch(prefetch)
+  return ds.with_options(_options(num_threads))
+
+
+def _options(num_threads: int) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
   # Parallelism comes from processing examples concurrently, not within one.
   options.threading.max_intra_op_parallelism = 1
   if num_threads:
     options.threading.private_threadpool_size = num_threads
-  return ds.with_options(options)
+  return options
 
 
 def _check_norm(mean, std) -> None:
@@ -374,6 +378,108 @@ def _check_norm(mean, std) -> None:
     if np.shape(value) != (len(MODALITIES), 3):
       raise ValueError(f"{name} must be ({len(MODALITIES)}, 3), one RGB row "
                        f"per modality {MODALITIES}, got {np.shape(value)}")
+
+
+# The decoded-image cache: uint8 (N, H, W, 3) arrays per image key.
+DecodedImages = dict[str, np.ndarray]
+
+
+def decoded_nbytes(data: SplitData, input_size: Sequence[int],
+                   saturation: bool = False) -> int:
+  """Bytes that `decode_split` would hold for `data` at input_size."""
+  h, w = (int(s) for s in input_size)
+  planes = len(MODALITIES) + (1 if saturation else 0)
+  return data.num_examples * planes * h * w * 3
+
+
+def _find_corrupt(data: SplitData, index: np.ndarray) -> Optional[str]:
+  """Names the first undecodable image among the examples `index`, if any."""
+  for i in index:
+    for m in MODALITIES:
+      try:
+        tf.io.decode_image(getattr(data, m)[i], channels=3,
+                           expand_animations=False)
+      except (tf.errors.InvalidArgumentError, ValueError):
+        return f"{m} image of example {i} ({data.file[i]})"
+  return None
+
+
+def decode_split(data: SplitData, input_size: Sequence[int], *,
+                 saturation_bar: Optional[int] = None, batch_size: int = 64,
+                 num_threads: int = 0) -> DecodedImages:
+  """Decodes and resizes every image of the split once, for a memory cache.
+
+  The result holds exactly what the streaming pipeline computes per example
+  before its first random op (decode, the optional saturation map, resize),
+  so `train_batches(..., cache=...)` yields the same batches as streaming.
+
+  Args:
+    data: the split.
+    input_size: (H, W) of the network input.
+    saturation_bar: also cache the saturation pseudo-image of the raw RGB and
+      NI images at this bar (ops.saturation_map); None = no saturation.
+    batch_size: examples decoded per tf.data batch.
+    num_threads: tf.data threads; 0 = TF defaults.
+
+  Returns:
+    {"rgb", "ni", "ti"[, "saturation"]: uint8 (N, H, W, 3)}.
+
+  Raises:
+    ValueError: an image cannot be decoded (naming its modality and file).
+  """
+  size = tuple(int(s) for s in input_size)
+  keys = MODALITIES
+  first_ops = [ops.decode()]
+  if saturation_bar is not None:
+    keys = MODALITIES + (ops.SATURATION_KEY,)
+    first_ops.append(ops.saturation_map(saturation_bar))
+  per_example = ops.chain(*first_ops, ops.resize(size, keys=keys),
+                          ops.keep(keys))
+  n = data.num_examples
+  out = {k: np.empty((n,) + size + (3,), np.uint8) for k in keys}
+
+  def generator():
+    for start in range(0, n, batch_size):
+      stop = min(start + batch_size, n)
+      yield {m: getattr(data, m)[start:stop] for m in MODALITIES}
+
+  signature = {m: tf.TensorSpec((None,), tf.string) for m in MODALITIES}
+  ds = tf.data.Dataset.from_generator(generator, output_signature=signature)
+  parallel = num_threads or tf.data.AUTOTUNE
+  ds = ds.unbatch().map(per_example, num_parallel_calls=parallel)
+  ds = ds.batch(batch_size).prefetch(2).with_options(
+      _options(num_threads))
+  start = 0
+  batches = ds.as_numpy_iterator()
+  while start < n:
+    try:
+      batch = next(batches)
+    except tf.errors.InvalidArgumentError as e:
+      corrupt = _find_corrupt(data, np.arange(start, min(start + batch_size,
+                                                         n)))
+      if corrupt is None:
+        raise
+      raise ValueError(f"cannot decode the {corrupt}: {e.message}") from None
+    stop = start + len(batch[MODALITIES[0]])
+    for k in keys:
+      out[k][start:stop] = batch[k]
+    start = stop
+  return out
+
+
+def _check_cache(cache: DecodedImages, data: SplitData,
+                 input_size: Sequence[int], saturation: bool) -> None:
+  shape = (data.num_examples,) + tuple(int(s) for s in input_size) + (3,)
+  keys = MODALITIES + ((ops.SATURATION_KEY,) if saturation else ())
+  for k in keys:
+    if k not in cache:
+      raise ValueError(f"the decoded-image cache lacks {k!r} (has "
+                       f"{sorted(cache)}); build it with decode_split"
+                       + (" and saturation_bar" if k == ops.SATURATION_KEY
+                          else ""))
+    if cache[k].shape != shape or cache[k].dtype != np.uint8:
+      raise ValueError(f"the decoded-image cache's {k!r} is {cache[k].dtype} "
+                       f"{cache[k].shape}, expected uint8 {shape}")
 
 
 def train_batches(data: SplitData, *, ids_per_batch: int, instances_per_id: int,
@@ -384,6 +490,7 @@ def train_batches(data: SplitData, *, ids_per_batch: int, instances_per_id: int,
                   process_count: int = 1, prefetch: int = 2,
                   num_threads: int = 0, saturation: bool = False,
                   saturation_bar: int = 250,
+                  cache: Optional[DecodedImages] = None,
                   ) -> Iterator[dict[str, np.ndarray]]:
   """The infinite stream of augmented P x K training batches of this process.
 
@@ -413,6 +520,10 @@ def train_batches(data: SplitData, *, ids_per_batch: int, instances_per_id: int,
       NI images (the pixel-level flare target), augmented like the images.
     saturation_bar: the raw uint8 value from which a channel counts as
       saturated (the pseudo-label's bar).
+    cache: the split's images already decoded and resized
+      (`decode_split(data, input_size, saturation_bar=...)`, with the
+      saturation map when `saturation`); None = decode every image as it is
+      drawn. Both give the same batches; the cache spares the CPU the decoding.
 
   Returns:
     An iterator of dicts with b = P * K / process_count rows:
@@ -426,6 +537,8 @@ def train_batches(data: SplitData, *, ids_per_batch: int, instances_per_id: int,
   _check_norm(mean, std)
   if start_step < 0:
     raise ValueError(f"start_step must be non-negative, got {start_step}")
+  if cache is not None:
+    _check_cache(cache, data, input_size, saturation)
   sampler = IdentitySampler(data.pid, ids_per_batch, instances_per_id, seed)
   group_start, group_stop = _local_slice(ids_per_batch, process_index,
                                          process_count, "ids_per_batch")
@@ -437,11 +550,17 @@ def train_batches(data: SplitData, *, ids_per_batch: int, instances_per_id: int,
                "batch %d, from step %d.", data.num_examples, data.num_ids,
                sampler.steps_per_epoch, stop - start, start_step)
 
+  source = data if cache is None else cache
+  image_keys = MODALITIES + (
+      (ops.SATURATION_KEY,) if saturation and cache is not None else ())
+
   def rows(step: int) -> dict[str, np.ndarray]:
     index = sampler.batch(step)[start:stop]
     position = step * global_size + np.arange(start, stop, dtype=np.int64)
+    images = {k: (source[k] if cache is not None else getattr(source, k))[index]
+              for k in image_keys}
     return {
-        "rgb": data.rgb[index], "ni": data.ni[index], "ti": data.ti[index],
+        **images,
         "label": labels[index], "pid": data.pid[index],
         "camid": data.camid[index], "flare_ratio": data.flare_ratio[index],
         ops.RNG_KEY: np.stack([np.full_like(position, seed), position], axis=1),
@@ -463,10 +582,15 @@ def train_batches(data: SplitData, *, ids_per_batch: int, instances_per_id: int,
     images = MODALITIES + (ops.SATURATION_KEY,)
     fill = fill + [[0.0, 0.0, 0.0]]
     extra_ops, extra_keys = [ops.saturation_to_float()], (ops.SATURATION_KEY,)
+  # Without a cache each example is decoded here; the cache holds the output
+  # of exactly these first, deterministic ops.
+  first_ops = []
+  if cache is None:
+    first_ops = [ops.decode(),
+                 *([ops.saturation_map(saturation_bar)] if saturation else []),
+                 ops.resize(input_size, keys=images)]
   per_example = ops.chain(
-      ops.decode(),
-      *([ops.saturation_map(saturation_bar)] if saturation else []),
-      ops.resize(input_size, keys=images),
+      *first_ops,
       ops.random_flip_lr(flip_prob, keys=images),
       ops.random_pad_crop(pad, keys=images),
       ops.random_erasing(random_erasing_prob, fill=fill, keys=images),

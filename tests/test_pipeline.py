@@ -411,3 +411,40 @@ def test_saturation_map_op_counts_channels():
   assert sat.dtype == np.uint8 and sat.shape == (2, 3, 3)
   assert sat[0, 0, 0] == round(255 * 2 / 3) and sat[1, 2, 0] == 255
   assert sat[..., 0].sum() == 170 + 255 and not sat[..., 1:].any()
+
+
+@pytest.mark.parametrize("saturation", [False, True])
+def test_cached_pipeline_yields_the_streaming_batches(saturation):
+  data = _saturated_data() if saturation else DATA
+  kw = dict(TRAIN_KW, seed=3, saturation=saturation)
+  cache = pipeline.decode_split(
+      data, INPUT_SIZE, saturation_bar=250 if saturation else None,
+      batch_size=5)  # 5 does not divide the split: a short last batch.
+  assert cache["rgb"].shape == (data.num_examples,) + INPUT_SIZE + (3,)
+  assert (ops.SATURATION_KEY in cache) == saturation
+  assert pipeline.decoded_nbytes(data, INPUT_SIZE, saturation) == sum(
+      v.nbytes for v in cache.values())
+  streamed = _take(pipeline.train_batches(data, **kw), 4)
+  cached = _take(pipeline.train_batches(data, **kw, cache=cache), 4)
+  resumed = next(pipeline.train_batches(data, **kw, cache=cache, start_step=3))
+  for a, b in zip(streamed, cached):
+    assert sorted(a) == sorted(b)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  for key in resumed:
+    np.testing.assert_array_equal(resumed[key], streamed[3][key])
+
+
+def test_cache_errors_name_the_problem():
+  cache = pipeline.decode_split(DATA, INPUT_SIZE)
+  with pytest.raises(ValueError, match="lacks 'saturation'"):
+    next(pipeline.train_batches(DATA, **TRAIN_KW, seed=0, saturation=True,
+                                cache=cache))
+  with pytest.raises(ValueError, match=r"expected uint8 \(29, 24, 12, 3\)"):
+    next(pipeline.train_batches(DATA, **dict(TRAIN_KW, input_size=(24, 12)),
+                                seed=0, cache=cache))
+  broken = dataclasses.replace(
+      DATA, ni=np.array([b"not an image"] + list(DATA.ni[1:]), dtype=object))
+  with pytest.raises(ValueError, match=r"cannot decode the ni image of "
+                     r"example 0 \(100/0.png\)"):
+    pipeline.decode_split(broken, INPUT_SIZE)

@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import tempfile
+import time
 
 from absl.testing import absltest
 import jax
@@ -291,6 +292,52 @@ class EvalSplitConfigTest(absltest.TestCase):
       config.val_ids = bad
       with self.assertRaisesRegex(ValueError, "config.val_ids"):
         train.val_ids(config)
+
+
+class InputTest(absltest.TestCase):
+
+  def test_device_prefetch_keeps_order_and_raises_where_it_failed(self):
+    for size in (0, 1, 3):
+      out = list(train.device_prefetch(iter(range(7)), lambda x: 10 * x, size))
+      self.assertEqual(out, [10 * x for x in range(7)])
+
+    def failing():
+      yield 1
+      yield 2
+      raise OSError("disk gone")
+    for size in (0, 2):
+      got = []
+      with self.assertRaisesRegex(OSError, "disk gone"):
+        for x in train.device_prefetch(failing(), lambda x: x, size):
+          got.append(x)
+      self.assertEqual(got, [1, 2])
+
+  def test_device_prefetch_stops_its_thread_when_abandoned(self):
+    drawn = []
+
+    def endless():
+      i = 0
+      while True:
+        drawn.append(i)
+        yield i
+        i += 1
+    batches = train.device_prefetch(endless(), lambda x: x, 2)
+    self.assertEqual([next(batches) for _ in range(3)], [0, 1, 2])
+    batches.close()
+    time.sleep(0.5)
+    count = len(drawn)
+    time.sleep(0.3)
+    # At most the queue's size (+ the one in hand) ahead, then nothing more.
+    self.assertLessEqual(count, 3 + 2 + 1)
+    self.assertEqual(len(drawn), count)
+
+  def test_bad_input_fields_are_named(self):
+    for field, value in (("cache", "disk"), ("cache_max_gb", -1.0),
+                         ("device_prefetch", -1)):
+      config = tiny.get_config()
+      config.input[field] = value
+      with self.assertRaisesRegex(ValueError, f"config.input.{field}"):
+        train.training_cache(config, None, False)
 
 
 if __name__ == "__main__":
