@@ -579,6 +579,31 @@ def _check_batch(config: ml_collections.ConfigDict, sharding: Sharding) -> None:
 # --- The loop ------------------------------------------------------------------
 
 
+def input_batches(config: ml_collections.ConfigDict,
+                  train_data: pipeline.SplitData, sharding: "Sharding",
+                  start_step: int) -> Iterator[dict]:
+  """The training batches from start_step on, as sharded device arrays.
+
+  Cached in memory or streamed (config.input.cache), then put on the devices
+  config.input.device_prefetch batches ahead of the step.
+  """
+  mean, std = normalization(config)
+  saturation = config.loss.flare_pixel_weight > 0 and config.model.use_mfmp
+  batches = pipeline.train_batches(
+      train_data, ids_per_batch=config.ids_per_batch,
+      instances_per_id=config.instances_per_id,
+      input_size=tuple(config.input_size), mean=mean, std=std,
+      flip_prob=config.augment.flip_prob, pad=config.augment.pad,
+      random_erasing_prob=config.augment.random_erasing_prob,
+      flare_threshold=config.flare.ratio_threshold, seed=config.seed,
+      start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      saturation=saturation, saturation_bar=config.flare.pixel_low,
+      cache=training_cache(config, train_data, saturation))
+  return device_prefetch(batches, sharding.global_batch,
+                         config.input.device_prefetch)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict:
   """Trains (resuming from the workdir), then evaluates the final state.
@@ -648,21 +673,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   step_fn = compile_train_step(model, optimizer, loss_config(config), schedule,
                                sharding)
-  mean, std = normalization(config)
-  saturation = config.loss.flare_pixel_weight > 0 and config.model.use_mfmp
-  batches = pipeline.train_batches(
-      train_data, ids_per_batch=config.ids_per_batch,
-      instances_per_id=config.instances_per_id,
-      input_size=tuple(config.input_size), mean=mean, std=std,
-      flip_prob=config.augment.flip_prob, pad=config.augment.pad,
-      random_erasing_prob=config.augment.random_erasing_prob,
-      flare_threshold=config.flare.ratio_threshold, seed=config.seed,
-      start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      saturation=saturation, saturation_bar=config.flare.pixel_low,
-      cache=training_cache(config, train_data, saturation))
-  batches = device_prefetch(batches, sharding.global_batch,
-                            config.input.device_prefetch)
+  batches = input_batches(config, train_data, sharding, start_step)
 
   report = periodic_actions.ReportProgress(num_train_steps=num_steps,
                                            writer=writer)
@@ -680,6 +691,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       _check_finite(state, step, last_saved, ckpt.directory)
       ckpt.save(step, state)
       last_saved = step
+  batches.close()  # Stops the prefetch thread.
   ckpt.wait()
   writer.flush()
   results = evaluate(config, workdir, model, state, sharding)

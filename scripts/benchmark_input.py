@@ -16,9 +16,9 @@ from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
-import tensorflow as tf
 
-import input_pipeline  # pylint: disable=unused-import  (configures TensorFlow)
+import input_pipeline  # noqa: F401  (configures TensorFlow)
+from input_pipeline import generated
 from input_pipeline import pipeline
 
 _DATASET = flags.DEFINE_string(
@@ -39,30 +39,6 @@ _BATCHES = flags.DEFINE_integer("batches", 30, "Timed batches.")
 _THREADS = flags.DEFINE_list(
     "threads", ["0"], "tf.data thread counts to compare; 0 = TF defaults "
     "(AUTOTUNE map on tf.data's shared pool).")
-
-
-def _generated_split(num_ids: int, per_id: int, height: int,
-                     width: int) -> pipeline.SplitData:
-  """Smooth random JPEG triplets, file sizes like real vehicle crops."""
-  rng = np.random.default_rng(0)
-  n = num_ids * per_id
-  images = {m: [] for m in pipeline.MODALITIES}
-  for _ in range(n):
-    for m in pipeline.MODALITIES:
-      # Coarse noise upsampled plus fine noise: JPEG sizes close to photos.
-      coarse = rng.uniform(0, 255, (height // 16, width // 16, 3))
-      image = tf.image.resize(coarse, (height, width), method="bicubic").numpy()
-      image += rng.normal(0, 12, (height, width, 3))
-      image = np.clip(image, 0, 255).astype(np.uint8)
-      images[m].append(tf.io.encode_jpeg(image, quality=90).numpy())
-  return pipeline.SplitData(
-      rgb=np.array(images["rgb"], dtype=object),
-      ni=np.array(images["ni"], dtype=object),
-      ti=np.array(images["ti"], dtype=object),
-      pid=np.repeat(np.arange(num_ids), per_id),
-      camid=np.arange(n) % 8, sceneid=np.full(n, -1),
-      flare_ratio=rng.uniform(0, 0.2, (n, 2)),
-      file=[f"generated/{i}.jpg" for i in range(n)])
 
 
 def _measure(data: pipeline.SplitData, num_threads: int) -> float:
@@ -95,7 +71,7 @@ def main(argv: Sequence[str]) -> None:
         data_dir=_DATA_DIR.value or None, manual_dir=_MANUAL_DIR.value or None)
     source = f"{_DATASET.value}/{_BUILDER_CONFIG.value}[{_SPLIT.value}]"
   else:
-    data = _generated_split(_NUM_IDS.value, _PER_ID.value, _HEIGHT.value,
+    data = generated.generated_split(_NUM_IDS.value, _PER_ID.value, _HEIGHT.value,
                             _WIDTH.value)
     source = f"generated JPEG {_HEIGHT.value}x{_WIDTH.value}"
   mean_bytes = np.mean([len(x) for x in data.rgb])

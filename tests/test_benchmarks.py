@@ -1,0 +1,75 @@
+"""The benchmark scripts run on the CPU (tiny config) and print their tables."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+from absl.testing import absltest
+
+from facenet_jax import hardware
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _has_torch() -> bool:
+  return importlib.util.find_spec("torch") is not None
+
+
+class BenchmarkTrainTest(absltest.TestCase):
+
+  def test_tiny_baseline_rows_and_ratios(self):
+    # The tiny config as its baseline: one network to compile. With torch
+    # (installed by .ci/run) the PyTorch row and the ratio are printed too.
+    args = ["--config", os.path.join(ROOT, "configs", "tiny.py"),
+            "--config.model.use_mfmp=False", "--config.model.use_fce=False",
+            "--config.loss.modality=none", "--data=generated", "--steps=2",
+            "--rounds=1", "--warmup=1"]
+    if _has_torch():
+      args.append("--torch")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "benchmark_train.py"),
+         *args], env=env, capture_output=True, text=True, timeout=600,
+        check=False)
+    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+    out = done.stdout
+    rows = {}
+    for line in out.splitlines():
+      cells = [c.strip() for c in line.strip("|").split("|")]
+      if len(cells) == 8 and cells[0] in ("jax step", "jax loop",
+                                          "torch eager"):
+        rows[cells[0]] = cells
+    expected = {"jax step", "jax loop"} | (
+        {"torch eager"} if _has_torch() else set())
+    self.assertEqual(set(rows), expected, out)
+    for cells in rows.values():
+      self.assertEqual(cells[1], "baseline")
+      ms, steps_per_s, triplets_per_s = (float(c) for c in cells[2:5])
+      self.assertGreater(ms, 0.0)
+      self.assertAlmostEqual(steps_per_s, 1e3 / ms, delta=0.02 * steps_per_s)
+      # Tiny batch: 4 ids x 2 instances.
+      self.assertAlmostEqual(triplets_per_s, 8 * steps_per_s,
+                             delta=0.02 * triplets_per_s + 0.1)
+    self.assertGreater(float(rows["jax step"][6]), 0.0)  # TFLOP/s.
+    self.assertRegex(out, r"loop/step \(baseline\): \d+\.\d\d")
+    if _has_torch():
+      match = re.search(r"JAX/PyTorch \(baseline\): step (\d+\.\d+)x", out)
+      self.assertIsNotNone(match, out)
+      torch_ms, jax_ms = float(rows["torch eager"][2]), float(
+          rows["jax step"][2])
+      self.assertAlmostEqual(float(match.group(1)), torch_ms / jax_ms,
+                             delta=0.02 * torch_ms / jax_ms + 0.01)
+
+  def test_device_peaks(self):
+    self.assertEqual(hardware.device_peak("TPU v4"), 275e12)
+    self.assertEqual(hardware.device_peak("NVIDIA H100 80GB HBM3"), 989e12)
+    self.assertEqual(hardware.device_peak("TPU v5 lite"), 197e12)
+    self.assertEqual(hardware.device_peak("TPU v5p"), 459e12)
+    self.assertEqual(hardware.device_peak("NVIDIA L40S"), 362e12)
+    self.assertIsNone(hardware.device_peak("cpu"))
+
+
+if __name__ == "__main__":
+  absltest.main()
