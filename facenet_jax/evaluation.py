@@ -3,14 +3,18 @@
 This is the project's single implementation of the ranking metrics (STYLE.md:
 never two code paths for one metric). Only a query's same-identity gallery
 entries (its true matches and the entries its protocol removes) affect its
-metrics, so instead of permuting the whole gallery per query, each such entry
-is located in the query's ranking: a value sort of the query's row and a
-binary search give the number of entries ranked ahead of it. Queries are
-processed a chunk at a time, so memory is bounded by the sorted chunk (one
-distance per (query, gallery) pair of a chunk: ~20 MB for 256 x 20,000
-float32) and one chunk per thread. A 2,000 x 20,000 float32 evaluation with
-500 identities takes about 0.3 s on two CPU cores, about 10x faster than the
-usual per-query argsort loop (scripts/benchmark_rank.py).
+metrics, so rather than sorting the whole gallery for every query, only those
+entries are placed in the query's ranking (`_stable_positions`): the gallery
+is counted in value bins and only the few entries sharing a bin with one of
+them are sorted, which gives exactly the positions of a stable sort. Queries
+are ranked a chunk at a time, chunks in parallel threads; memory per thread is
+a (chunk, G) NaN mask of 1 byte per pair (~5 MB for 256 x 20,000; float16 and
+integer distances add a float copy of the chunk) plus O(G) per query. A
+2,000 x 20,000 float32 evaluation with 500 identities took 0.25 s on two CPU
+cores shared with a training job, 14x faster than the usual per-query
+stable-argsort loop in the same run (scripts/benchmark_rank.py). Distances
+with few distinct values (rounded, integer) put many entries in shared bins
+and slow it to about the loop's speed; the results stay exact.
 
 Protocols:
   * Market-1501 (WMVeID863, RGBNT100): for each query, gallery entries with the
@@ -98,28 +102,117 @@ def _same_pid_pairs(q_pids: np.ndarray, gallery: _Gallery
   return rows, cols, counts
 
 
-def _equal_before(row: np.ndarray, values: np.ndarray,
-                  cols: np.ndarray) -> np.ndarray:
-  """Counts, for each (value, col), the entries of `row` == value before col.
-
-  The exact tie-break count for entries whose distance is shared by others.
-  One pass over the row per distinct value; ties are rare in real distances.
+def _bin_scales(key: np.ndarray, cols: np.ndarray, bounds: np.ndarray,
+                num_bins: int) -> Tuple[np.ndarray, np.ndarray]:
+  """Per-row offset and scale putting about one entry per bin near cols.
 
   Args:
-    row: (G,) one query's distances in gallery order.
-    values: (T,) distances, each equal to row[cols[t]].
-    cols: (T,) gallery indices.
+    key: (B, G) float distances (see _stable_positions), no NaN.
+    cols: (P,) gallery indices, row b's in cols[bounds[b]:bounds[b + 1]].
+    bounds: (B + 1,) row boundaries in cols.
+    num_bins: bins between the smallest and largest finite key[b, cols].
 
   Returns:
-    (T,) int64 counts.
+    lo: (B,) finite offsets, key.dtype.
+    scale: (B,) positive finite scales, key.dtype.
   """
-  out = np.empty(values.shape[0], np.int64)
-  # np.unique and == agree with the sort's order: -0.0 equals 0.0.
-  for value in np.unique(values):
-    at = np.flatnonzero(values == value)
-    equal_cols = np.flatnonzero(row == value)
-    out[at] = np.searchsorted(equal_cols, cols[at], side="left")
-  return out
+  # Runs under _stable_positions' errstate: spans of extreme float64 values
+  # may overflow to inf, handled below.
+  num_rows = key.shape[0]
+  counts = np.diff(bounds)
+  nonempty = counts > 0
+  values = key[np.repeat(np.arange(num_rows), counts), cols]
+  finite = np.isfinite(values)
+  lo = np.zeros(num_rows, key.dtype)
+  hi = np.zeros(num_rows, key.dtype)
+  if values.size:
+    # reduceat over the non-empty rows' starts: each segment is one row.
+    starts = bounds[:-1][nonempty]
+    lo[nonempty] = np.minimum.reduceat(np.where(finite, values, np.inf),
+                                       starts)
+    hi[nonempty] = np.maximum.reduceat(np.where(finite, values, -np.inf),
+                                       starts)
+  no_finite = ~(lo <= hi)
+  lo[no_finite] = hi[no_finite] = 0
+  span = hi.astype(np.float64) - lo
+  # A single distinct finite chosen value (or an overflowing span): size the
+  # bins by the row's spread instead.
+  for b in np.flatnonzero(nonempty & ~((span > 0) & (span < np.inf))):
+    finite_row = key[b][np.isfinite(key[b])]
+    span[b] = (float(finite_row.max()) - float(finite_row.min())
+               if finite_row.size else 0.0)
+  # Positive and finite, so that 0 * scale and inf * scale are never NaN.
+  finfo = np.finfo(key.dtype)
+  scale = np.ones(num_rows)
+  spread = span > 0
+  scale[spread] = np.clip(num_bins / span[spread], finfo.tiny, finfo.max)
+  return lo, scale.astype(key.dtype)
+
+
+def _stable_positions(dist: np.ndarray, cols: np.ndarray,
+                      bounds: np.ndarray) -> np.ndarray:
+  """Positions of chosen entries in their row's stable ascending order.
+
+  For each row b and c in cols[bounds[b]:bounds[b + 1]], the position of
+  dist[b, c] in inverse(np.argsort(dist[b], kind="stable")), found without
+  sorting the row. Entries are put in bins by a non-decreasing function of
+  their value; an entry in a lower bin than dist[b, c] ranks ahead of it and
+  one in a higher bin behind it, so only the entries sharing a bin with a
+  chosen one are ordered exactly (a stable argsort of those few). The bins
+  decide how many entries take that exact step, never the result: with any
+  finite offset and positive scale, rounding, truncation and clipping keep
+  the order.
+
+  Args:
+    dist: (B, G) distances, no NaN.
+    cols: (P,) gallery indices; row b's are cols[bounds[b]:bounds[b + 1]],
+      distinct and ascending.
+    bounds: (B + 1,) int, non-decreasing from 0 to P.
+
+  Returns:
+    (P,) int64 0-based positions.
+  """
+  num_g = dist.shape[1]
+  # Complex numbers sort by real part first, so binning the real part keeps
+  # the order; the exact step compares the full values.
+  key = dist.real if np.iscomplexobj(dist) else dist
+  work = np.float32 if key.dtype in (np.float16, np.float32) else np.float64
+  key = key.astype(work, copy=False)
+  # About one entry per bin between a row's smallest and largest chosen
+  # value; bin 0 and the last bin collect everything beyond.
+  num_bins = num_g
+  top = work(num_bins + 2)
+  position = np.empty(cols.size, np.int64)
+  # Extreme values may overflow to inf (which the clip handles) or underflow
+  # to 0; neither can produce NaN.
+  with np.errstate(over="ignore", under="ignore"):
+    lo, scale = _bin_scales(key, cols, bounds, num_bins)
+    for b in np.flatnonzero(np.diff(bounds)):
+      seg = slice(bounds[b], bounds[b + 1])
+      bins = key[b] - lo[b]
+      bins *= scale[b]
+      bins += work(1)
+      np.maximum(bins, 0, out=bins)
+      np.minimum(bins, top, out=bins)
+      bins = bins.astype(np.intp)
+      # Entries in bins below a chosen one's all rank ahead of it.
+      hist = np.bincount(bins, minlength=num_bins + 3)
+      chosen_bins = bins[cols[seg]]
+      ahead = np.cumsum(hist)[chosen_bins] - hist[chosen_bins]
+      shared = np.zeros(num_bins + 3, bool)
+      shared[chosen_bins] = True
+      close = np.flatnonzero(shared[bins])
+      # Stable: equal distances keep gallery-index order.
+      order = np.argsort(dist[b, close], kind="stable")
+      rank_in_close = np.empty(close.size, np.intp)
+      rank_in_close[order] = np.arange(close.size)
+      # In value order the close entries' bins ascend; those in lower bins
+      # are already counted in `ahead`.
+      close_ahead = np.searchsorted(bins[close[order]], chosen_bins,
+                                    side="left")
+      position[seg] = (ahead - close_ahead +
+                       rank_in_close[np.searchsorted(close, cols[seg])])
+  return position
 
 
 def _rank_chunk(dist: np.ndarray, first_row: int, q_pids: np.ndarray,
@@ -145,32 +238,17 @@ def _rank_chunk(dist: np.ndarray, first_row: int, q_pids: np.ndarray,
     ValueError: if dist contains NaN.
   """
   num_rows, num_g = dist.shape
-  sorted_dist = np.sort(dist, axis=1)
-  # NaN has no place in an order; it would silently sink to the bottom. The
-  # sort puts NaN last, so the last column shows which rows hold one.
-  has_nan = np.isnan(sorted_dist[:, -1])
+  # NaN has no place in an order; it would silently sink to the bottom.
+  has_nan = np.isnan(dist).any(axis=1)
   if np.any(has_nan):
     bad = first_row + int(np.argmax(has_nan))
     raise ValueError(f"distmat contains NaN (first in query row {bad})")
 
   rows, cols, counts = _same_pid_pairs(q_pids, gallery)
-  values = dist[rows, cols]
   removed = gallery.groups[cols] == q_groups[rows]
-
-  # 0-based position of each pair in its row's stable ranking: the entries
-  # with a smaller distance, plus equal ones with a smaller gallery index.
-  position = np.empty(rows.size, np.int64)
+  # 0-based position of each pair in its row's stable ranking.
   bounds = np.concatenate(([0], np.cumsum(counts)))
-  for b in np.flatnonzero(counts):
-    seg = slice(bounds[b], bounds[b + 1])
-    left = np.searchsorted(sorted_dist[b], values[seg], side="left")
-    right = np.searchsorted(sorted_dist[b], values[seg], side="right")
-    position[seg] = left
-    # right - left counts the pair itself; more means a tie.
-    tied = np.flatnonzero(right - left > 1) + bounds[b]
-    if tied.size:
-      position[tied] += _equal_before(dist[b], values[tied], cols[tied])
-  del sorted_dist
+  position = _stable_positions(dist, cols, bounds)
 
   # Each row's pairs in ranked order (positions are unique within a row).
   order = np.argsort(rows * num_g + position)
@@ -236,7 +314,8 @@ def evaluate_rank(
     g_sceneids: optional (num_gallery,) gallery scene ids; required together
       with q_sceneids.
     return_minp: also return mINP.
-    query_chunk_size: queries ranked at once; trades memory for speed.
+    query_chunk_size: queries ranked at once; bounds the (chunk, G) NaN
+      mask. The results do not depend on it.
     num_threads: chunks ranked in parallel (0: one per CPU); the results do
       not depend on it.
 
@@ -288,7 +367,7 @@ def evaluate_rank(
   gallery = _Gallery(pids=g_pids, groups=g_group, by_pid=by_pid,
                      sorted_pids=g_pids[by_pid])
 
-  def rank_chunk(start: int):
+  def rank_chunk(start: int) -> Tuple[np.ndarray, ...]:
     stop = min(start + query_chunk_size, num_q)
     return _rank_chunk(distmat[start:stop], start, q_pids[start:stop],
                        q_group[start:stop], gallery)
@@ -296,8 +375,9 @@ def evaluate_rank(
   starts = range(0, num_q, query_chunk_size)
   workers = min(num_threads or os.cpu_count() or 1, len(starts))
   if workers > 1:
-    # np.sort, the bulk of the work, releases the GIL; map keeps chunk order,
-    # so the results (and the first NaN row reported) match one thread's.
+    # NumPy releases the GIL in its array loops, the bulk of the work; map
+    # keeps chunk order, so the results (and the first NaN row reported)
+    # match one thread's.
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       chunks = list(pool.map(rank_chunk, starts))
   else:
@@ -329,8 +409,8 @@ def _distance_chunk(query: jax.Array, gallery: jax.Array) -> jax.Array:
   """(C, G) float32 Euclidean distances of a query chunk to the gallery."""
   query_sq = jnp.sum(query * query, axis=1)
   gallery_sq = jnp.sum(gallery * gallery, axis=1)
-  # HIGHEST: accelerators would otherwise multiply in bfloat16, far coarser
-  # than the gaps between neighbours' distances.
+  # HIGHEST: by default TPUs and recent GPUs multiply float32 in bfloat16 or
+  # TF32, far coarser than the gaps between neighbours' distances.
   cross = jnp.dot(query, gallery.T, precision=jax.lax.Precision.HIGHEST)
   squared = query_sq[:, None] + gallery_sq[None, :] - 2.0 * cross
   # Cancellation can leave a slightly negative square for near-equal vectors.

@@ -27,6 +27,45 @@ def _reference_rank(distmat, q_pids, g_pids, q_groups, g_groups, max_rank):
   return np.mean(cmc_rows, axis=0), np.mean(aps), np.mean(inps)
 
 
+def _random_problem(seed, kind, num_q=60, num_g=300):
+  """A random distance matrix with awkward values and its ids.
+
+  Query ids are drawn from more identities than the gallery holds, and with
+  4 cameras and 3 scenes many true matches share the query's group, so some
+  queries have no match left and are skipped.
+
+  Args:
+    seed: random seed.
+    kind: "uniform32" / "uniform64" (float32 / float64 in [0, 1)), "round1"
+      (rounded to 1 decimal: heavy ties), "integers" (float integers 0..9),
+      "inf_zeros" (float32 with +-inf, -0.0 and 0.0 mixed in).
+    num_q: queries.
+    num_g: gallery entries.
+
+  Returns:
+    distmat, then q_pids, g_pids, q_cams, g_cams, q_scenes, g_scenes.
+  """
+  rng = np.random.default_rng(seed)
+  if kind == "uniform32":
+    distmat = rng.random((num_q, num_g), dtype=np.float32)
+  elif kind == "uniform64":
+    distmat = rng.random((num_q, num_g))
+  elif kind == "round1":
+    distmat = np.round(rng.random((num_q, num_g)), 1)
+  elif kind == "integers":
+    distmat = rng.integers(0, 10, (num_q, num_g)).astype(np.float64)
+  elif kind == "inf_zeros":
+    distmat = rng.random((num_q, num_g), dtype=np.float32)
+    special = np.array([np.inf, -np.inf, 0.0, -0.0], np.float32)
+    mask = rng.random((num_q, num_g)) < 0.3
+    distmat[mask] = rng.choice(special, mask.sum())
+  else:
+    raise ValueError(kind)
+  return (distmat, rng.integers(0, 25, num_q), rng.integers(0, 20, num_g),
+          rng.integers(0, 4, num_q), rng.integers(0, 4, num_g),
+          rng.integers(0, 3, num_q), rng.integers(0, 3, num_g))
+
+
 class EvaluateRankTest(parameterized.TestCase):
 
   def test_perfect_ranking(self):
@@ -161,6 +200,135 @@ class EvaluateRankTest(parameterized.TestCase):
     self.assertAlmostEqual(minp, ref_inp, places=12)
     self.assertTrue(0.0 < mean_ap < 1.0)
 
+  @parameterized.product(
+      kind=("uniform32", "uniform64", "round1", "integers", "inf_zeros"),
+      seed=(0, 1, 2),
+      use_scenes=(False, True))
+  def test_random_matches_loop_reference(self, kind, seed, use_scenes):
+    distmat, q_pids, g_pids, q_cams, g_cams, q_scenes, g_scenes = (
+        _random_problem(seed, kind))
+    kwargs = {}
+    q_groups, g_groups = q_cams, g_cams
+    if use_scenes:
+      kwargs = {"q_sceneids": q_scenes, "g_sceneids": g_scenes}
+      q_groups, g_groups = q_scenes, g_scenes
+    # 17 does not divide the 60 queries: the last chunk is short.
+    cmc, mean_ap, minp = evaluation.evaluate_rank(
+        distmat, q_pids, g_pids, q_cams, g_cams, max_rank=30,
+        return_minp=True, query_chunk_size=17, **kwargs)
+    ref_cmc, ref_ap, ref_inp = _reference_rank(
+        distmat, q_pids, g_pids, q_groups, g_groups, 30)
+    np.testing.assert_allclose(cmc, ref_cmc, rtol=1e-12, atol=1e-12)
+    self.assertAlmostEqual(mean_ap, ref_ap, places=12)
+    self.assertAlmostEqual(minp, ref_inp, places=12)
+
+  def test_both_kinds_of_skipped_query_match_reference(self):
+    # A small gallery (60 entries of 20 ids) leaves queries of both kinds
+    # the protocol skips: identity absent from the gallery (ids 20..24), and
+    # every match on the query's camera (removed).
+    (distmat, q_pids, g_pids, q_cams, g_cams, _, _) = _random_problem(
+        0, "uniform32", num_q=300, num_g=60)
+    absent = ~np.isin(q_pids, g_pids)
+    same_cam_only = np.array([
+        np.any(g_pids == p) and np.all(g_cams[g_pids == p] == c)
+        for p, c in zip(q_pids, q_cams)])
+    self.assertTrue(absent.any())
+    self.assertTrue(same_cam_only.any())
+    cmc, mean_ap, minp = evaluation.evaluate_rank(
+        distmat, q_pids, g_pids, q_cams, g_cams, return_minp=True,
+        query_chunk_size=64)
+    ref_cmc, ref_ap, ref_inp = _reference_rank(
+        distmat, q_pids, g_pids, q_cams, g_cams, 50)
+    np.testing.assert_allclose(cmc, ref_cmc, rtol=1e-12, atol=1e-12)
+    self.assertAlmostEqual(mean_ap, ref_ap, places=12)
+    self.assertAlmostEqual(minp, ref_inp, places=12)
+
+  @parameterized.parameters(1, 5, 60, 256)
+  def test_threads_and_chunks_do_not_change_results(self, chunk):
+    distmat, q_pids, g_pids, q_cams, g_cams, _, _ = _random_problem(
+        3, "round1")
+    args = (distmat, q_pids, g_pids, q_cams, g_cams)
+    one = evaluation.evaluate_rank(*args, return_minp=True,
+                                   query_chunk_size=chunk, num_threads=1)
+    two = evaluation.evaluate_rank(*args, return_minp=True,
+                                   query_chunk_size=chunk, num_threads=2)
+    # Bit-identical: chunks are concatenated in order whatever the threads.
+    np.testing.assert_array_equal(one[0], two[0])
+    self.assertEqual(one[1:], two[1:])
+    base = evaluation.evaluate_rank(*args, return_minp=True,
+                                    query_chunk_size=60, num_threads=1)
+    np.testing.assert_array_equal(one[0], base[0])
+    self.assertEqual(one[1:], base[1:])
+
+  def test_float32_and_float64_agree(self):
+    # The same values in either precision rank identically.
+    distmat, q_pids, g_pids, q_cams, g_cams, _, _ = _random_problem(
+        4, "uniform32")
+    args = (q_pids, g_pids, q_cams, g_cams)
+    single = evaluation.evaluate_rank(distmat, *args, return_minp=True)
+    double = evaluation.evaluate_rank(distmat.astype(np.float64), *args,
+                                      return_minp=True)
+    np.testing.assert_array_equal(single[0], double[0])
+    self.assertEqual(single[1:], double[1:])
+
+  def test_signed_zero_and_inf_ties_break_by_index(self):
+    # -0.0 == 0.0 and inf == inf: both pairs are ties, broken by index.
+    # Gallery order by (distance, index): g1 (-inf), g0 (0.0), g2 (-0.0),
+    #   g4 (0.5), g3 (inf), g5 (inf).
+    # Query id 0 matches g2 and g5 (all camera 1): ranks 3 and 6.
+    #   cmc = [0, 0, 1, 1, 1, 1]; AP = (1/3 + 2/6) / 2 = 1/3; INP = 2/6.
+    distmat = np.array([[0.0, -np.inf, -0.0, np.inf, 0.5, np.inf]])
+    cmc, mean_ap, minp = evaluation.evaluate_rank(
+        distmat, np.array([0]), np.array([1, 1, 0, 1, 1, 0]), np.array([0]),
+        np.ones(6, int), return_minp=True)
+    np.testing.assert_allclose(cmc, [0, 0, 1, 1, 1, 1])
+    self.assertAlmostEqual(mean_ap, 1.0 / 3.0)
+    self.assertAlmostEqual(minp, 1.0 / 3.0)
+
+  def test_nan_row_reported_with_threads(self):
+    # NaN in rows 9 and 20, in different chunks ranked by different threads:
+    # the first row is named.
+    distmat = np.random.default_rng(0).random((24, 10))
+    distmat[20, 3] = distmat[9, 7] = np.nan
+    with self.assertRaisesRegex(ValueError, "query row 9"):
+      evaluation.evaluate_rank(distmat, np.zeros(24), np.zeros(10),
+                               np.zeros(24), np.ones(10), query_chunk_size=4,
+                               num_threads=2)
+
+  @parameterized.named_parameters(
+      ("uniform", lambda rng, n: rng.random(n, dtype=np.float32)),
+      ("float16", lambda rng, n: rng.random(n).astype(np.float16)),
+      ("few_values", lambda rng, n: rng.integers(0, 3, n).astype(np.float32)),
+      ("int_dtype", lambda rng, n: rng.integers(-5, 5, n)),
+      ("outlier", lambda rng, n: np.where(
+          np.arange(n) == 3, 1e30, rng.random(n))),
+      ("extremes", lambda rng, n: rng.choice(np.array(
+          [-1.7e308, 1.7e308, 0.0, -0.0, 5e-324, np.inf, -np.inf]), n)),
+      ("subnormal", lambda rng, n: (rng.random(n) * 1e-40).astype(
+          np.float32)),
+      ("complex", lambda rng, n: (rng.integers(0, 3, n) +
+                                  1j * rng.integers(0, 3, n))),
+  )
+  def test_stable_positions_equal_stable_argsort(self, make_row):
+    # The core step: positions in each row's stable order, for any values
+    # and any subset of columns (none, one, some or all of a row).
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 7, 200):
+      dist = np.stack([make_row(rng, size) for _ in range(6)])
+      subsets = [np.flatnonzero(rng.random(size) < p)
+                 for p in (0.0, 0.05, 0.3, 0.3, 1.0)]
+      subsets.append(np.array([size - 1]))
+      cols = np.concatenate(subsets)
+      bounds = np.cumsum([0] + [c.size for c in subsets])
+      expected = []
+      for row, subset in zip(dist, subsets):
+        inverse = np.empty(size, np.int64)
+        inverse[np.argsort(row, kind="stable")] = np.arange(size)
+        expected.append(inverse[subset])
+      with np.errstate(all="raise"):
+        positions = evaluation._stable_positions(dist, cols, bounds)  # pylint: disable=protected-access
+      np.testing.assert_array_equal(positions, np.concatenate(expected))
+
   def test_string_ids_work(self):
     # Identities need only support ==; results equal the integer-id case.
     distmat = np.array([[0.1, 0.2, 0.3, 0.4]])
@@ -181,6 +349,8 @@ class EvaluateRankTest(parameterized.TestCase):
                              "g_sceneids": np.zeros(3)},
        "g_sceneids has 3 entries"),
       ("max_rank_zero", {"max_rank": 0}, "max_rank must be a positive"),
+      ("num_threads_negative", {"num_threads": -1},
+       "num_threads must be a non-negative"),
       ("nan", {"distmat": np.array([[0.1, 0.2, 0.3, 0.4],
                                     [0.1, np.nan, 0.3, 0.4]])},
        "NaN .*query row 1"),
@@ -198,25 +368,54 @@ class EvaluateRankTest(parameterized.TestCase):
       evaluation.evaluate_rank(**kwargs)
 
 
-class PairwiseDistanceTest(absltest.TestCase):
+class PairwiseDistanceTest(parameterized.TestCase):
 
-  def test_matches_brute_force(self):
+  # The distances are computed in float32: |q|^2 + |g|^2 - 2 q.g rounds with
+  # errors of a few float32 ulps of |q|^2 (~1e-6 for these 16-d normal
+  # vectors at distances ~5, measured), well inside rtol = atol = 1e-5.
+  @parameterized.parameters(1, 10, 37, 1024)
+  def test_matches_brute_force(self, chunk):
+    # 10 leaves a padded last chunk of 7 rows; 1024 > 37 queries.
     rng = np.random.default_rng(0)
     query = rng.normal(size=(37, 16)).astype(np.float32)
     gallery = rng.normal(size=(53, 16)).astype(np.float32)
-    dist = evaluation.pairwise_distance(query, gallery, query_chunk_size=10)
+    dist = evaluation.pairwise_distance(query, gallery,
+                                        query_chunk_size=chunk)
     expected = np.linalg.norm(
         query[:, None].astype(np.float64) - gallery[None], axis=-1)
+    self.assertIsInstance(dist, np.ndarray)
     self.assertEqual(dist.dtype, np.float32)
     self.assertEqual(dist.shape, (37, 53))
     np.testing.assert_allclose(dist, expected, rtol=1e-5, atol=1e-5)
 
+  def test_float64_input_and_normalised_embeddings(self):
+    # rank_report's case: unit-norm float64 embeddings, some duplicated.
+    # Near zero the float32 rounding of the square (~1e-7) becomes ~3e-4 in
+    # the distance after the square root, hence atol 1e-3 there.
+    rng = np.random.default_rng(1)
+    gallery = rng.normal(size=(40, 128))
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    query = gallery[::4].copy()
+    dist = evaluation.pairwise_distance(query, gallery, query_chunk_size=4)
+    expected = np.linalg.norm(query[:, None] - gallery[None], axis=-1)
+    self.assertEqual(dist.dtype, np.float32)
+    np.testing.assert_allclose(dist, expected, rtol=1e-5, atol=1e-3)
+    self.assertTrue(np.all(dist >= 0))
+    np.testing.assert_array_equal(np.argmin(dist, axis=1),
+                                  np.arange(0, 40, 4))
+
   def test_identical_vectors_give_zero(self):
-    # |x|^2 + |x|^2 - 2 x.x can round below zero; the clip keeps sqrt real.
+    # |x|^2 + |x|^2 - 2 x.x can round below zero (here to -32 in float32 on
+    # XLA:CPU); the clip keeps the sqrt real and the distance at zero.
     x = np.full((2, 64), 1e3, np.float32) + np.arange(64, dtype=np.float32)
     dist = evaluation.pairwise_distance(x, x)
     self.assertTrue(np.all(np.isfinite(dist)))
     np.testing.assert_allclose(np.diag(dist), 0.0, atol=1e-3)
+
+  def test_empty_query(self):
+    dist = evaluation.pairwise_distance(np.zeros((0, 4)), np.ones((3, 4)))
+    self.assertEqual(dist.shape, (0, 3))
+    self.assertEqual(dist.dtype, np.float32)
 
   def test_dimension_mismatch(self):
     with self.assertRaisesRegex(ValueError, "gallery_features has 3"):
