@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from facenet_jax import checkpointing
+from facenet_jax import console as console_lib
 from facenet_jax import evaluation
 from facenet_jax import losses
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
@@ -604,14 +605,64 @@ def input_batches(config: ml_collections.ConfigDict,
                          config.input.device_prefetch)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict:
+def _devices() -> str:
+  devices = jax.devices()
+  hosts = f" on {jax.process_count()} hosts" if jax.process_count() > 1 else ""
+  return f"{len(devices)} x {devices[0].device_kind}{hosts}"
+
+
+def _model_summary(config: ml_collections.ConfigDict) -> str:
+  m = config.model
+  parts = [f"3 x {m.backbone} x{m.width_multiplier:g}"]
+  if m.use_mfmp:
+    parts.append(f"MFMP ({'FMI, ' if m.use_fmi else 'no FMI, '}SMP {m.smp})")
+  if m.use_fce:
+    parts.append("FCE" + (" (projection)" if m.fce_projection else ""))
+  if not m.use_mfmp and not m.use_fce:
+    parts.append("baseline")
+  loss = "CE + triplet"
+  if m.use_mfmp:
+    loss += " + flare" + (" (+ pixel)" if config.loss.flare_pixel_weight > 0
+                          else "")
+  if config.loss.modality != "none":
+    loss += f" + {config.loss.modality.upper()}"
+  h, w = config.input_size
+  return f"{', '.join(parts)}; {h}x{w}; loss {loss}"
+
+
+def _header(config: ml_collections.ConfigDict, train_data: pipeline.SplitData,
+            num_classes: int, num_steps: int, start_step: int,
+            workdir: str) -> str:
+  """The few lines a person needs before the progress bar."""
+  data = config.dataset + (f"/{config.dataset_config}"
+                           if config.dataset_config else "")
+  query_split, gallery_split = eval_splits(config)
+  start = (f"resumed from step {start_step}" if start_step else
+           "from scratch" if not (config.model.pretrained or
+                                  config.model.init_from) else
+           "from " + (config.model.pretrained or config.model.init_from))
+  batch = config.ids_per_batch * config.instances_per_id
+  return "\n".join([
+      f"data     {data}: train {train_data.num_examples} triplets, "
+      f"{num_classes} ids; evaluation on {query_split} vs {gallery_split}",
+      f"model    {_model_summary(config)}",
+      f"run      {num_steps} steps of {batch} ({config.ids_per_batch} ids x "
+      f"{config.instances_per_id}), {start}; {_devices()}",
+      f"workdir  {workdir}",
+  ])
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str,
+    console: console_lib.Console = console_lib.SILENT) -> dict:
   """Trains (resuming from the workdir), then evaluates the final state.
 
   Args:
     config: the run configuration.
     workdir: where checkpoints, config.json, TensorBoard logs and
       the evaluation results go.
+    console: where a person follows the run (header, progress, results);
+      silent by default.
 
   Returns:
     The evaluation results on config.eval.split (also written to
@@ -622,11 +673,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   _check_flare(config)
   loss_config(config)  # Loss-config errors before any data is loaded.
   _check_input(config)
+  parse_depth(config.model.backbone)
   _check_eval_split(config)
   _check_init_from(config)
   ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
   checkpointing.check_config(workdir, config,
                              has_state=ckpt.latest_step() is not None)
+  if not pipeline.is_prepared(config.dataset, config.dataset_config,
+                              config.data_dir or None):
+    console.print(f"Preparing {config.dataset}"
+                  f"{'/' + config.dataset_config if config.dataset_config else ''}"
+                  " (first use; done once, kept in TFDS's data_dir)...")
   train_data = split_data(config, "train")
   labels = pipeline.train_label_map(train_data)
   num_classes = len(labels)
@@ -663,10 +720,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           sharding.replicated)
   start_step = int(to_host(state.step))
 
+  console.print(_header(config, train_data, num_classes, num_steps,
+                        start_step, workdir))
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
-    parameter_overview.log_parameter_overview(to_host(state.params))
+    overview = parameter_overview.get_parameter_overview(
+        to_host(state.params))
+    logging.info("Parameters:\n%s", overview)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, console_lib.PARAMETERS_FILE), "w") as f:
+        f.write(overview + "\n")
     writer.write_hparams({k: v for k, v in checkpointing.flatten_config(
         checkpointing.config_to_dict(config)).items()
                           if isinstance(v, (int, float, str, bool))})
@@ -679,22 +743,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                            writer=writer)
   pending = []
   last_saved = start_step
+  bar = console.progress(num_steps, "train", initial=start_step)
   for step in range(start_step + 1, num_steps + 1):
     state, metrics = step_fn(state, next(batches))
     pending.append(metrics)
     report(step)
     is_last = step == num_steps
     if step % config.log_every_steps == 0 or is_last:
-      _write_metrics(writer, step, pending)
+      bar.update(step, loss=_write_metrics(writer, step, pending))
       pending = []
+    else:
+      bar.update(step)
     if step % config.checkpoint_every_steps == 0 or is_last:
       _check_finite(state, step, last_saved, ckpt.directory)
       ckpt.save(step, state)
       last_saved = step
+  bar.close()
   batches.close()  # Stops the prefetch thread.
   ckpt.wait()
   writer.flush()
-  results = evaluate(config, workdir, model, state, sharding)
+  results = evaluate(config, workdir, model, state, sharding, console)
   ckpt.close()
   return results
 
@@ -729,8 +797,12 @@ def _with_sharding(abstract: Any, shardings: Any) -> Any:
       abstract, shardings)
 
 
-def _write_metrics(writer, step: int, pending: list) -> None:
-  """One host sync: averages the device metrics gathered since the last log."""
+def _write_metrics(writer, step: int, pending: list) -> float:
+  """One host sync: averages the device metrics gathered since the last log.
+
+  Returns:
+    The mean training loss over those steps.
+  """
   fetched = to_host(pending)
   summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
   if not math.isfinite(summary["train/loss"]):
@@ -739,6 +811,7 @@ def _write_metrics(writer, step: int, pending: list) -> None:
         f"({summary['train/loss']}); terms: {summary}. The last good "
         "checkpoint is kept; lower the learning rate or use float32.")
   writer.write_scalars(step, summary)
+  return summary["train/loss"]
 
 
 @jax.jit
@@ -760,7 +833,8 @@ def _check_finite(state: TrainState, step: int, last_saved: int,
 
 
 def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
-            split: str, sharding: Sharding, zero_flare: bool = False) -> dict:
+            split: str, sharding: Sharding, zero_flare: bool = False,
+            console: console_lib.Console = console_lib.SILENT) -> dict:
   """Embeddings and metadata of one split, every example exactly once.
 
   zero_flare feeds the model flare pseudo-labels of 0, so that FCE replaces
@@ -785,16 +859,23 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
   batch_size = -(-config.eval_batch_size // sharding.mesh.size) * (
       sharding.mesh.size)
   out = {k: [] for k in ("embedding",) + EVAL_METADATA}
-  for local in pipeline.eval_batches(
-      data, batch_size=batch_size // jax.process_count(),
-      input_size=tuple(config.input_size), mean=mean, std=std,
-      flare_threshold=config.flare.ratio_threshold,
-      process_index=jax.process_index(), process_count=jax.process_count()):
-    embedding, metadata = to_host(
-        fn(variables, sharding.global_batch(local)))
-    out["embedding"].append(np.asarray(embedding))
-    for key, value in metadata.items():
-      out[key].append(np.asarray(value))
+  local_batch = batch_size // jax.process_count()
+  per_process = -(-data.num_examples // jax.process_count())
+  num_batches = -(-per_process // local_batch)
+  with console.progress(num_batches, f"embed {split} ({data.num_examples})",
+                        unit="batch") as bar:
+    for b, local in enumerate(pipeline.eval_batches(
+        data, batch_size=local_batch,
+        input_size=tuple(config.input_size), mean=mean, std=std,
+        flare_threshold=config.flare.ratio_threshold,
+        process_index=jax.process_index(),
+        process_count=jax.process_count()), start=1):
+      embedding, metadata = to_host(
+          fn(variables, sharding.global_batch(local)))
+      out["embedding"].append(np.asarray(embedding))
+      for key, value in metadata.items():
+        out[key].append(np.asarray(value))
+      bar.update(b)
   result = {k: np.concatenate(v) for k, v in out.items()}
   keep = result["valid"].astype(bool)
   result = {k: v[keep] for k, v in result.items()}
@@ -812,7 +893,8 @@ def rank(config: ml_collections.ConfigDict, query: dict,
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, model: FACENet,
-             state: TrainState, sharding: Sharding) -> dict:
+             state: TrainState, sharding: Sharding,
+             console: console_lib.Console = console_lib.SILENT) -> dict:
   """Ranks the gallery for every query of config.eval.split.
 
   Writes WORKDIR/eval_results.json (test split) or eval_results_val.json
@@ -821,8 +903,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: FACENet,
   query_split, gallery_split = eval_splits(config)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   start = time.time()
-  query = extract(config, model, variables, query_split, sharding)
-  gallery = extract(config, model, variables, gallery_split, sharding)
+  query = extract(config, model, variables, query_split, sharding,
+                  console=console)
+  gallery = extract(config, model, variables, gallery_split, sharding,
+                    console=console)
   results = rank(config, query, gallery)
   results["step"] = int(to_host(state.step))
   results["dataset"] = config.dataset
@@ -835,7 +919,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: FACENet,
         checkpointing.EVAL_RESULTS_FILE, config.eval.split))
     with open(path, "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)
-    print(evaluation.format_results(results))
+  console.print(f"\n{config.dataset} {config.eval.split} split "
+                f"({query_split} vs {gallery_split}), step {results['step']}, "
+                "percentages:")
+  console.print(evaluation.format_results(results))
   return results
 
 
@@ -858,8 +945,12 @@ def restore_for_eval(config: ml_collections.ConfigDict, workdir: str,
   return model, state, sharding
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        step: Optional[int] = None) -> dict:
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str,
+    step: Optional[int] = None,
+    console: console_lib.Console = console_lib.SILENT) -> dict:
   """--mode eval: restores the latest (or given) checkpoint and evaluates it."""
   model, state, sharding = restore_for_eval(config, workdir, step)
-  return evaluate(config, workdir, model, state, sharding)
+  console.print(f"Evaluating step {int(to_host(state.step))} of {workdir} on "
+                f"the {config.eval.split} split; {_devices()}")
+  return evaluate(config, workdir, model, state, sharding, console)

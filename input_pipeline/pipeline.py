@@ -11,7 +11,9 @@ function of (seed, s): `start_step` resumes exactly without replaying earlier
 steps, and the batches of all processes concatenate to the single-process one.
 """
 
+import contextlib
 import dataclasses
+import io
 from typing import Iterator, Optional, Sequence
 
 from absl import logging
@@ -143,9 +145,13 @@ def load_split(dataset: str, split: str, *, builder_config: str = "",
   if not builder.is_prepared():
     logging.info("Preparing %s in %s (manual_dir=%s)...", name,
                  builder.data_dir, manual_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir or None))
-    logging.info("Prepared %s.", name)
+    # TFDS prints its own progress lines: they go to the log, not stdout.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(
+              manual_dir=manual_dir or None))
+    logging.info("Prepared %s. %s", name, printed.getvalue().strip())
   if split not in builder.info.splits:
     raise MissingSplitError(f"dataset {name} has no split {split!r}; it has "
                             f"{sorted(builder.info.splits)}")
@@ -165,6 +171,19 @@ def load_split(dataset: str, split: str, *, builder_config: str = "",
   logging.info("Loaded %s[%s]: %d triplets, %d ids.", name, split,
                data.num_examples, data.num_ids)
   return data
+
+
+def is_prepared(dataset: str, builder_config: str = "",
+                data_dir: Optional[str] = None) -> bool:
+  """Whether the TFDS dataset is already prepared (False if unknown)."""
+  # pylint: disable-next=g-import-not-at-top,unused-import
+  import input_pipeline.datasets  # noqa: F401
+
+  name = f"{dataset}/{builder_config}" if builder_config else dataset
+  try:
+    return tfds.builder(name, data_dir=data_dir or None).is_prepared()
+  except tfds.core.registered.DatasetNotFoundError:
+    return False
 
 
 class MissingSplitError(ValueError):

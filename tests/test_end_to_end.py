@@ -7,6 +7,7 @@ workdir reproduces eval_results.json, and the inference Embedder reproduces
 the evaluation embeddings from raw uint8 images.
 """
 
+import io
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from configs import tiny
 from facenet_jax import checkpointing
+from facenet_jax import console
 from facenet_jax import inference
 from facenet_jax import mask_quality
 from facenet_jax import train
@@ -49,7 +51,11 @@ class EndToEndTest(absltest.TestCase):
     cls.data_dir = os.path.join(cls.root, "tfds")
     cls.workdir = os.path.join(cls.root, "run")
     shutil.rmtree(cls.workdir, ignore_errors=True)
-    cls.results = train.train_and_evaluate(_config(cls.data_dir), cls.workdir)
+    # What a person would see, as plain lines (not a terminal), one per step.
+    cls.console = io.StringIO()
+    cls.results = train.train_and_evaluate(
+        _config(cls.data_dir), cls.workdir,
+        console.Console(cls.console, live=False, interval=0.0))
 
   def test_results_file(self):
     with open(os.path.join(self.workdir, "eval_results.json")) as f:
@@ -66,6 +72,32 @@ class EndToEndTest(absltest.TestCase):
     self.assertBetween(saved["mAP"], 0.0, 1.0)
     self.assertTrue(os.path.isdir(os.path.join(self.workdir, "checkpoints",
                                                "4")))
+
+  def test_console_shows_header_progress_and_results(self):
+    out = self.console.getvalue()
+    lines = out.splitlines()
+    self.assertNotIn("\r", out)
+    self.assertLess(len(lines), 40, out)
+    self.assertTrue(lines[0].startswith("Preparing synthetic_flare/tiny") or
+                    lines[0].startswith("data "), out)
+    header = [l for l in lines if l.startswith(("data ", "model ", "run ",
+                                                "workdir "))]
+    self.assertLen(header, 4, out)
+    self.assertIn(f"{_TINY.num_train_ids} ids; evaluation on query vs "
+                  "gallery", out)
+    self.assertIn("4 steps of 8 (4 ids x 2), from scratch", out)
+    progress = [l for l in lines if l.startswith("train ")]
+    self.assertEqual([l.split()[1] for l in progress],
+                     ["1/4", "2/4", "3/4", "4/4"])
+    self.assertIn("loss ", progress[-1])
+    self.assertIn("took ", progress[-1])
+    self.assertRegex(out, r"embed query \(\d+\) \d+/\d+ \(100%\)")
+    self.assertRegex(out, r"\n +all +\d+ +\d+\.\d")  # The results table.
+    # Library chatter stays out of the console.
+    self.assertNotIn("INFO", out)
+    self.assertNotIn("Orbax", out)
+    with open(os.path.join(self.workdir, console.PARAMETERS_FILE)) as f:
+      self.assertIn("rgb_backbone/conv1/kernel", f.read())
 
   def test_resume_after_interruption(self):
     # The "killed" run: everything up to its step-2 checkpoint.

@@ -1,0 +1,159 @@
+"""What a person sees of a run: a short header, progress bars, the results.
+
+scripts/main.py shows a `Console`; the library takes one as an optional
+argument and is silent without it. Library logs (absl INFO of this code,
+Orbax, TFDS, clu's overviews) go to WORKDIR/log.txt (`route_logs`); with
+absl's --verbosity >= 1 they reach the console as well.
+
+A progress bar is live (tqdm, redrawn in place) when the stream is a
+terminal. Otherwise (CI, nohup, a pipe) it prints a plain line at most every
+`interval` seconds and at the end: no carriage returns in a log file.
+"""
+
+import logging as std_logging
+import os
+import sys
+import time
+from typing import Optional, TextIO
+
+from absl import logging
+
+LOG_FILE = "log.txt"
+PARAMETERS_FILE = "parameters.txt"
+
+
+def _clock(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return (f"{hours}:{minutes:02d}:{seconds:02d}" if hours else
+          f"{minutes}:{seconds:02d}")
+
+
+class Progress:
+  """One progress bar over `total` units (steps or batches)."""
+
+  def __init__(self, stream: Optional[TextIO], total: int, desc: str,
+               unit: str, initial: int, live: bool, interval: float):
+    self._stream = stream
+    self._total = max(0, int(total))
+    self._desc = desc
+    self._unit = unit
+    self._initial = self._n = int(initial)
+    self._postfix: dict[str, str] = {}
+    self._start = self._last_line = time.perf_counter()
+    self._interval = interval
+    self._bar = None
+    if stream is not None and live:
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm.tqdm(total=self._total, initial=self._n, desc=desc,
+                            unit=unit, file=stream, dynamic_ncols=True,
+                            leave=True)
+
+  def update(self, n: int, **postfix: float) -> None:
+    """Moves the bar to position n; postfix values are shown beside it."""
+    self._postfix.update({k: f"{v:.4g}" for k, v in postfix.items()})
+    if self._bar is not None:
+      self._bar.update(n - self._bar.n)
+      if postfix:
+        self._bar.set_postfix(self._postfix, refresh=False)
+    self._n = n
+    now = time.perf_counter()
+    if self._bar is None and self._stream is not None and (
+        now - self._last_line >= self._interval or n >= self._total):
+      self._last_line = now
+      self._stream.write(self.line(now) + "\n")
+      self._stream.flush()
+
+  def line(self, now: Optional[float] = None) -> str:
+    """The plain-text state: 'desc 120/568 (21%)  loss 3.2  2.4 step/s  ETA 3:06'."""
+    now = time.perf_counter() if now is None else now
+    done = self._n - self._initial
+    elapsed = max(now - self._start, 1e-9)
+    parts = [f"{self._desc} {self._n}/{self._total}"]
+    if self._total:
+      parts[0] += f" ({100 * self._n // self._total}%)"
+    parts += [f"{k} {v}" for k, v in self._postfix.items()]
+    if done > 0:
+      rate = done / elapsed
+      parts.append(f"{rate:.2f} {self._unit}/s")
+      left = self._total - self._n
+      parts.append(f"ETA {_clock(left / rate)}" if left > 0 else
+                   f"took {_clock(elapsed)}")
+    return "  ".join(parts)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+
+  def __enter__(self) -> "Progress":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class Console:
+  """Prints for a person; a disabled console prints nothing.
+
+  Attributes:
+    stream: where it prints (None = disabled).
+    live: redraw progress bars in place (default: the stream is a terminal).
+    interval: seconds between the plain progress lines when not live.
+  """
+
+  def __init__(self, stream: Optional[TextIO] = None, enabled: bool = True,
+               live: Optional[bool] = None, interval: float = 30.0):
+    self.stream = (stream or sys.stdout) if enabled else None
+    if live is None:
+      live = bool(self.stream is not None and
+                  getattr(self.stream, "isatty", lambda: False)())
+    self.live = live
+    self.interval = interval
+
+  @property
+  def enabled(self) -> bool:
+    return self.stream is not None
+
+  def print(self, text: str = "") -> None:
+    if self.stream is not None:
+      self.stream.write(text + "\n")
+      self.stream.flush()
+
+  def progress(self, total: int, desc: str, unit: str = "step",
+               initial: int = 0) -> Progress:
+    return Progress(self.stream, total, desc, unit, initial, self.live,
+                    self.interval)
+
+
+# A console that prints nothing: the library's default.
+SILENT = Console(enabled=False)
+
+
+def route_logs(workdir: str, verbosity: int) -> str:
+  """Sends every log record to WORKDIR/log.txt; the console only at verbosity.
+
+  Python and absl logging (this code, Orbax, clu, TFDS) and Python warnings
+  are appended to the file. Below verbosity 1 the console's log handler only
+  passes errors, and TFDS's progress bars are switched off.
+
+  Returns:
+    The log file's path.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOG_FILE)
+  handler = std_logging.FileHandler(path)
+  handler.setFormatter(logging.PythonFormatter())
+  handler.setLevel(std_logging.DEBUG if verbosity >= 1 else std_logging.INFO)
+  root = std_logging.getLogger()
+  root.addHandler(handler)
+  # The file gets INFO even where absl's verbosity was left lower.
+  if logging.get_verbosity() < logging.INFO:
+    logging.set_verbosity(logging.INFO)
+  std_logging.captureWarnings(True)
+  if verbosity < 1:
+    logging.get_absl_handler().setLevel(std_logging.ERROR)
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds.disable_progress_bar()
+  return path
