@@ -6,8 +6,13 @@
 The embedder computes the flare pseudo-labels from the raw images itself,
 applies the run's resize and normalisation (the same tf ops as the evaluation
 pipeline), and runs the model in eval mode. Segments are [RGB | NI | TI].
+`embedder.inputs(rgb, ni, ti)` (or `network_inputs`, which needs the run's
+config only) stops before the model: it returns the four arrays the network
+takes (INPUT_NAMES), which is how a model exported by scripts/export.py is
+fed in any runtime (docs/export.md).
 """
 
+import functools
 from typing import Any, Optional
 
 import jax
@@ -18,6 +23,10 @@ from facenet_jax import checkpointing
 from facenet_jax import train
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 from facenet_jax.models import FACENet
+
+# The network's inputs, in the order of an exported model's inputs: the three
+# preprocessed images and the (B, 2) flare pseudo-labels.
+INPUT_NAMES = (*MODALITIES, "flare")
 
 
 class Embedder:
@@ -52,38 +61,69 @@ class Embedder:
   @property
   def dim(self) -> int:
     """Embedding size D_total = 3 x per-stream feature dimension."""
-    return int(self.model.apply(
-        self.variables, *self._dummy(), train=False).embedding.shape[-1])
+    # Shapes only: an eager forward pass would take seconds on a CPU.
+    return int(jax.eval_shape(functools.partial(self.model.apply, train=False),
+                              self.variables, *self._dummy()
+                              ).embedding.shape[-1])
 
   def _dummy(self):
     h, w = self.config.input_size
     images = {m: np.zeros((1, h, w, 3), np.float32) for m in MODALITIES}
     return images, np.zeros((1, 2), np.float32)
 
+  def inputs(self, rgb: np.ndarray, ni: np.ndarray,
+             ti: np.ndarray) -> dict[str, np.ndarray]:
+    """The network's inputs for raw uint8 images: `network_inputs`."""
+    return network_inputs(rgb, ni, ti, self.config)
+
   def __call__(self, rgb: np.ndarray, ni: np.ndarray,
                ti: np.ndarray) -> np.ndarray:
     """Embeds one triplet (H, W, 3) or a batch (B, H, W, 3) of raw uint8 images.
 
-    Images of one call must share a size; any size is resized to the run's
-    input size. Single-channel NI/TI (H, W) or (H, W, 1) are repeated to 3.
+    The images are read as by `network_inputs`.
 
     Returns:
       (B, D_total) float32 embeddings with unit L2 norm.
     """
-    raw = {m: _as_batch(m, x) for m, x in zip(MODALITIES, (rgb, ni, ti))}
-    sizes = {m: x.shape[0] for m, x in raw.items()}
-    if len(set(sizes.values())) != 1:
-      raise ValueError(f"rgb, ni and ti hold different numbers of images: "
-                       f"{sizes}")
-    flare = flare_labels(raw, self.config.flare.pixel_low,
-                         self.config.flare.ratio_threshold)
-    images = preprocess(raw, self.config)
+    batch = self.inputs(rgb, ni, ti)
     out = []
-    for start in range(0, len(flare), self.batch_size):
-      batch = {m: images[m][start:start + self.batch_size] for m in MODALITIES}
-      batch["flare"] = flare[start:start + self.batch_size]
-      out.append(np.asarray(self._embed(self.variables, batch)))
+    for start in range(0, len(batch["flare"]), self.batch_size):
+      part = {k: v[start:start + self.batch_size] for k, v in batch.items()}
+      out.append(np.asarray(self._embed(self.variables, part)))
     return np.concatenate(out).astype(np.float32)
+
+
+def network_inputs(rgb: np.ndarray, ni: np.ndarray, ti: np.ndarray,
+                   config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """The network's inputs for raw uint8 images: what an exported model takes.
+
+  Needs the run's config only (checkpointing.load_config), not its weights.
+  Images of one call must share a size; any size is resized to the run's
+  input size. Single-channel NI/TI (H, W) or (H, W, 1) are repeated to 3.
+
+  Args:
+    rgb: one (H, W, 3) or a batch (B, H, W, 3) of raw uint8 images.
+    ni: the same for near infrared.
+    ti: the same for thermal infrared.
+    config: the run's config (input size, normalisation, flare bar, CLAHE).
+
+  Returns:
+    A dict keyed by INPUT_NAMES: "rgb", "ni", "ti" (B, H', W', 3) float32
+    at the run's input size (H', W'), normalised per modality; "flare"
+    (B, 2) float32 pseudo-labels delta for [RGB, NI] in {0, 1}, computed on
+    the raw images (before CLAHE or resizing).
+  """
+  raw = {m: _as_batch(m, x) for m, x in zip(MODALITIES, (rgb, ni, ti))}
+  sizes = {m: x.shape[0] for m, x in raw.items()}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f"rgb, ni and ti hold different numbers of images: "
+                     f"{sizes}")
+  flare = flare_labels(raw, config.flare.pixel_low,
+                       config.flare.ratio_threshold)
+  images = preprocess(raw, config)
+  out = {m: images[m].astype(np.float32, copy=False) for m in MODALITIES}
+  out["flare"] = flare
+  return out
 
 
 def _as_batch(name: str, images: np.ndarray) -> np.ndarray:

@@ -1,0 +1,252 @@
+"""scripts/export.py: the Embedder's network as ONNX and as a JAX export.
+
+The run is the tiny FACENet with seeded random weights and BatchNorm running
+statistics (so the eval-mode BatchNorm is no identity), saved through the
+Checkpointer with its config.json and run_info.json: what a trained workdir
+holds, without training. Each export is run (ONNX Runtime; the deserialised
+jax.export function) on `Embedder.inputs` of generated raw triplets, and
+compared with the JAX Embedder on the same raw images.
+"""
+
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+from unittest import mock
+
+from absl.testing import absltest
+import jax
+import numpy as np
+
+from configs import tiny
+from facenet_jax import checkpointing
+from facenet_jax import export
+from facenet_jax import inference
+from facenet_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 4
+BATCH = 5
+TOLERANCE = 1e-4
+# The ONNX tests need the export extra; the README's test command may not
+# install it.
+_HAS_EXTRA = all(importlib.util.find_spec(m) is not None
+                 for m in ("jax2onnx", "onnx", "onnxruntime"))
+
+
+def _random_state(config, seed: int) -> train.TrainState:
+  """A host TrainState of seeded noise, from shapes only (no eager init).
+
+  Kernels ~ N(0, 1 / fan_in) keep activations of order one through the
+  network; BatchNorm variances in [1, 1.5], means, biases and mask
+  thresholds ~ N(0, 0.1).
+  """
+  model = train.build_model(config, NUM_CLASSES)
+  optimizer = train.build_optimizer(
+      config, train.learning_rate_schedule(config, steps_per_epoch=2))
+  abstract = jax.eval_shape(
+      functools.partial(train.create_state, model, optimizer,
+                        tuple(config.input_size)), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+
+  def noise(path, leaf):
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    if name.endswith("kernel"):
+      value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(leaf.shape[:-1])),
+                         leaf.shape)
+    elif name.endswith("var"):
+      value = rng.uniform(1.0, 1.5, leaf.shape)
+    elif name.endswith("scale"):
+      value = 1.0 + rng.normal(0.0, 0.1, leaf.shape)
+    else:
+      value = rng.normal(0.0, 0.1, leaf.shape)
+    return value.astype(leaf.dtype)
+
+  params = jax.tree_util.tree_map_with_path(noise, abstract.params)
+  return train.TrainState(
+      step=np.zeros((), np.int32), params=params,
+      batch_stats=jax.tree_util.tree_map_with_path(noise,
+                                                   abstract.batch_stats),
+      opt_state=optimizer.init(params))
+
+
+def _make_run(workdir: str, config, step: int = 2) -> None:
+  """A workdir as scripts/main.py leaves it: config, run info, checkpoint."""
+  checkpointing.check_config(workdir, config, has_state=False)
+  checkpointing.write_run_info(workdir, num_classes=NUM_CLASSES,
+                               steps_per_epoch=2)
+  ckpt = checkpointing.Checkpointer(workdir)
+  ckpt.save(step, _random_state(config, seed=step))
+  ckpt.close()
+
+
+# The module's run: root (temp dir), workdir, embedder, raw (rgb, ni, ti).
+_RUN = {}
+
+
+def setUpModule():
+  _RUN["root"] = tempfile.mkdtemp(prefix="export_")
+  _RUN["workdir"] = os.path.join(_RUN["root"], "run")
+  _make_run(_RUN["workdir"], tiny.get_config())
+  _RUN["embedder"] = export.load_embedder(_RUN["workdir"])
+  _RUN["raw"] = export.check_triplets(_RUN["embedder"].config.input_size,
+                                      BATCH, seed=1)
+
+
+class InputsTest(absltest.TestCase):
+
+  def test_the_four_arrays_of_the_contract(self):
+    embedder = _RUN["embedder"]
+    inputs = embedder.inputs(*_RUN["raw"])
+    h, w = embedder.config.input_size
+    self.assertEqual(tuple(inputs), inference.INPUT_NAMES)
+    for m in ("rgb", "ni", "ti"):
+      self.assertEqual(inputs[m].shape, (BATCH, h, w, 3))
+      self.assertEqual(inputs[m].dtype, np.float32)
+    self.assertEqual(inputs["flare"].dtype, np.float32)
+    # check_triplets: white quarters on RGB for samples 0, 2 mod 4 and on NI
+    # for 1, 2 mod 4, so every pair of pseudo-labels occurs.
+    np.testing.assert_array_equal(
+        inputs["flare"], [[1, 0], [0, 1], [1, 1], [0, 0], [1, 0]])
+
+
+@absltest.skipUnless(_HAS_EXTRA, 'needs pip install -e ".[export]"')
+class OnnxTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.path = os.path.join(_RUN["root"], "facenet.onnx")
+    cls.files = export.export(_RUN["embedder"], "onnx", cls.path)
+
+  def test_matches_the_jax_embedder(self):
+    embedder, raw = _RUN["embedder"], _RUN["raw"]
+    self.assertEqual(self.files, [self.path])
+    diffs = export.max_differences(embedder, "onnx", self.path, raw)
+    self.assertEqual(set(diffs), {BATCH, 1})
+    self.assertLessEqual(max(diffs.values()), TOLERANCE)
+    out = export.onnx_runner(self.path)(embedder.inputs(*raw))
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+  def test_names_shapes_and_metadata(self):
+    import onnx  # pylint: disable=g-import-not-at-top
+    model = onnx.load(self.path)
+    onnx.checker.check_model(model)
+    embedder = _RUN["embedder"]
+    h, w = embedder.config.input_size
+
+    def dims(value):
+      return [d.dim_param or d.dim_value
+              for d in value.type.tensor_type.shape.dim]
+
+    self.assertEqual([(i.name, dims(i)) for i in model.graph.input],
+                     [("rgb", ["B", h, w, 3]), ("ni", ["B", h, w, 3]),
+                      ("ti", ["B", h, w, 3]), ("flare", ["B", 2])])
+    self.assertEqual([(o.name, dims(o)) for o in model.graph.output],
+                     [("embedding", ["B", embedder.dim])])
+    # Opset 17 and its IR version 8, for older runtimes.
+    self.assertEqual([(o.domain, o.version) for o in model.opset_import],
+                     [("", 17)])
+    self.assertEqual(model.ir_version, 8)
+    props = {p.key: p.value for p in model.metadata_props}
+    self.assertEqual(props["embedding_dim"], str(embedder.dim))
+    self.assertIn('"ratio_threshold": 0.1', props["preprocessing"])
+    # The stem's max-pool exports as a 3-D MaxPool (see export.py).
+    pools = [n for n in model.graph.node if n.op_type == "MaxPool"]
+    self.assertLen(pools, 3)  # One stem per modality.
+    for node in pools:
+      kernel = [a.ints for a in node.attribute if a.name == "kernel_shape"][0]
+      self.assertEqual(list(kernel), [1, 3, 3])
+
+
+class StableHloTest(absltest.TestCase):
+
+  def test_matches_the_jax_embedder(self):
+    embedder = _RUN["embedder"]
+    path = os.path.join(_RUN["root"], "facenet.stablehlo")
+    self.assertEqual(export.export(embedder, "stablehlo", path), [path])
+    with open(path, "rb") as f:
+      exported = jax.export.deserialize(bytearray(f.read()))
+    self.assertEqual(exported.platforms, ("cpu", "cuda"))
+    self.assertEqual(str(exported.in_avals[0].shape[0]), "B")
+    diffs = export.max_differences(embedder, "stablehlo", path, _RUN["raw"])
+    self.assertEqual(set(diffs), {BATCH, 1})
+    self.assertLessEqual(max(diffs.values()), TOLERANCE)
+
+
+class ErrorsTest(absltest.TestCase):
+
+  def test_workdir_without_config_or_checkpoint(self):
+    missing = os.path.join(_RUN["root"], "nowhere")
+    with self.assertRaisesRegex(FileNotFoundError,
+                                "--workdir .*nowhere/config.json not found"):
+      export.load_embedder(missing)
+    untrained = os.path.join(_RUN["root"], "untrained")
+    checkpointing.check_config(untrained, tiny.get_config(), has_state=False)
+    with self.assertRaisesRegex(FileNotFoundError,
+                                "--workdir .*untrained: no checkpoint in"):
+      export.load_embedder(untrained)
+    # Nothing was created while looking.
+    self.assertFalse(os.path.exists(os.path.join(untrained, "checkpoints")))
+    with self.assertRaisesRegex(FileNotFoundError,
+                                r"--step 9: .*available steps: \[2\]"):
+      export.load_embedder(_RUN["workdir"], step=9)
+
+  def test_unknown_format(self):
+    with self.assertRaisesRegex(ValueError, "--format must be one of onnx, "
+                                "stablehlo, got 'tflite'"):
+      export.check_installed("tflite")
+
+  def test_missing_extra(self):
+    for module in ("jax2onnx", "onnxruntime"):
+      with mock.patch.dict(sys.modules, {module: None}):
+        with self.assertRaisesRegex(
+            export.MissingExtraError,
+            f"--format onnx needs the Python package {module}.*"
+            r'pip install -e "\.\[export\]"'):
+          export.check_installed("onnx")
+    # stablehlo needs JAX only.
+    with mock.patch.dict(sys.modules, {"jax2onnx": None, "onnx": None,
+                                       "onnxruntime": None}):
+      export.check_installed("stablehlo")
+
+
+class ScriptTest(absltest.TestCase):
+
+  def _run(self, *args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "export.py"), *args],
+        env=env, capture_output=True, text=True, timeout=600, check=False)
+
+  def test_export_and_check(self):
+    # stablehlo: the quickest export; the command prints the check's result.
+    output = os.path.join(_RUN["root"], "script", "facenet.stablehlo")
+    done = self._run("--workdir", _RUN["workdir"], "--format", "stablehlo",
+                     "--output", output, "--check_batch", "4")
+    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+    self.assertIn("checkpoint step 2", done.stdout)
+    self.assertRegex(done.stdout, r"max \|stablehlo - JAX Embedder\| = "
+                     r"\S+ on 4 triplets, \S+ on 1 triplet \(tolerance "
+                     r"1e-04\): ok")
+    self.assertTrue(os.path.exists(output))
+
+  def test_user_errors_are_one_line(self):
+    for args, message in (
+        (["--workdir", os.path.join(_RUN["root"], "nowhere"), "--format",
+          "stablehlo", "--output", "x"],
+         "config.json not found"),
+        (["--workdir", _RUN["workdir"], "--format", "tflite", "--output", "x"],
+         "flag --format=tflite: value should be one of <onnx|stablehlo>")):
+      done = self._run(*args)
+      self.assertEqual(done.returncode, 2, done.stderr[-3000:])
+      errors = [line for line in done.stderr.splitlines()
+                if line.startswith("error: ")]
+      self.assertLen(errors, 1, done.stderr)
+      self.assertIn(message, errors[0])
+
+
+if __name__ == "__main__":
+  absltest.main()
