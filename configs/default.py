@@ -177,4 +177,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Which split is ranked: "test" (query vs gallery; reported numbers) or
   # "val" (val_query vs val_gallery; for model and design choices).
   config.eval.split = "test"
+  # Missing-modality evaluation (the protocol of TOP-ReID, DeMo and IDEA):
+  # "none", or a comma-separated set of rgb, ni, ti (e.g. "rgb,ni") to blank
+  # (network input 0, flare pseudo-label 0) on the missing_in side of the
+  # ranking: "query", "gallery" or "both". Its results go to
+  # eval_results_missing-<set>_<side>.json, beside eval_results.json. "all"
+  # (--mode eval only): "none" and the six non-empty proper subsets from one
+  # checkpoint, tabulated in WORKDIR/missing_modality.md.
+  config.eval.missing = "none"
+  config.eval.missing_in = "both"
   return config

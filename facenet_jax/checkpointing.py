@@ -46,7 +46,8 @@ RESUMABLE_FIELDS = ("num_epochs", "num_train_steps", "log_every_steps",
 # A dict is a section (new, or an older one that gained fields): its missing
 # fields are filled in; anything else is a top-level field.
 ADDED_FIELDS = {"preprocess": {"clahe": False, "clahe_clip_limit": 0.01},
-                "eval": {"split": "test"},
+                "eval": {"split": "test", "missing": "none",
+                         "missing_in": "both"},
                 # Runs from before the mask-supervising SMP used its first
                 # reading, a separate SMP head, and nothing beyond the paper.
                 "model": {"init_from": "", "smp": "head",

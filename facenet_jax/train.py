@@ -9,13 +9,14 @@ groups through `jax.make_array_from_process_local_data`.
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from absl import logging
 from clu import metric_writers
@@ -666,7 +667,8 @@ def train_and_evaluate(
 
   Returns:
     The evaluation results on config.eval.split (also written to
-    WORKDIR/eval_results.json for test, eval_results_val.json for val).
+    WORKDIR/eval_results.json for test, eval_results_val.json for val;
+    results_file names those of a config.eval.missing set).
   """
   sharding = Sharding.create()
   _check_batch(config, sharding)
@@ -674,6 +676,7 @@ def train_and_evaluate(
   loss_config(config)  # Loss-config errors before any data is loaded.
   _check_input(config)
   parse_depth(config.model.backbone)
+  _check_missing_for_training(config)
   _check_eval_split(config)
   _check_init_from(config)
   ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
@@ -831,39 +834,221 @@ def _check_finite(state: TrainState, step: int, last_saved: int,
 
 # --- Evaluation ----------------------------------------------------------------
 
+# config.eval.missing_in: the side(s) of the ranking the missing modalities
+# are blanked on.
+MISSING_SIDES = ("query", "gallery", "both")
+# config.eval.missing="all": every modality, then every non-empty proper
+# subset missing (one or two of the three), the rows of a missing-modality
+# table in TOP-ReID, DeMo and IDEA.
+MISSING_SWEEP = tuple(
+    missing for size in range(len(MODALITIES))
+    for missing in itertools.combinations(MODALITIES, size))
+# The sweep's outputs in the workdir (checkpointing.split_file names the val
+# split's; missing_in other than "both" adds _query / _gallery).
+MISSING_TABLE_FILE = "missing_modality.md"
+MISSING_ROWS_FILE = "missing_modality.json"
 
-def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
-            split: str, sharding: Sharding, zero_flare: bool = False,
-            console: console_lib.Console = console_lib.SILENT) -> dict:
-  """Embeddings and metadata of one split, every example exactly once.
 
-  zero_flare feeds the model flare pseudo-labels of 0, so that FCE replaces
-  nothing (a diagnostic); the returned "flare" metadata stays the real labels.
+def _is_sweep(value: Any) -> bool:
+  return isinstance(value, str) and value.strip().lower() == "all"
+
+
+def parse_missing(value: Any) -> tuple[str, ...]:
+  """One value of config.eval.missing -> the missing modalities.
+
+  Args:
+    value: "none", or a comma-separated set of modalities, e.g. "rgb,ni"
+      (case and spaces ignored).
+
+  Returns:
+    The set in MODALITIES order ("ni,rgb" and "rgb,ni" are one set), () for
+    "none".
+
+  Raises:
+    ValueError: naming config.eval.missing, for a name that is not a
+      modality, a name given twice, or all three modalities.
   """
-  data = split_data(config, split)
-  mean, std = normalization(config)
+  expected = (f"expected 'none', 'all' or a comma-separated set of "
+              f"{', '.join(MODALITIES)} (e.g. 'rgb,ni')")
+  if not isinstance(value, str):
+    raise ValueError(f"config.eval.missing must be a string, {expected}; got "
+                     f"{value!r}")
+  if value.strip().lower() == "none":
+    return ()
+  names = [name.strip() for name in value.lower().split(",")]
+  for name in names:
+    if name not in MODALITIES:
+      raise ValueError(f"config.eval.missing={value!r}: {name!r} is not a "
+                       f"modality; {expected}")
+  for name in MODALITIES:
+    if names.count(name) > 1:
+      raise ValueError(f"config.eval.missing={value!r} names {name!r} "
+                       f"{names.count(name)} times; name each missing "
+                       "modality once")
+  if len(names) == len(MODALITIES):
+    raise ValueError(f"config.eval.missing={value!r} blanks every modality, "
+                     "leaving nothing to embed; name at most two of "
+                     f"{', '.join(MODALITIES)}")
+  return tuple(m for m in MODALITIES if m in names)
+
+
+def missing_label(missing: Sequence[str]) -> str:
+  """The config.eval.missing value of a set: "none", "ni", "rgb,ti", ..."""
+  return ",".join(missing) or "none"
+
+
+def missing_side(config: ml_collections.ConfigDict) -> str:
+  """config.eval.missing_in, validated."""
+  side = config.eval.missing_in
+  if side not in MISSING_SIDES:
+    raise ValueError(f"config.eval.missing_in must be one of {MISSING_SIDES} "
+                     f"(where config.eval.missing is blanked), got {side!r}")
+  return side
+
+
+def missing_sets(
+    config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], ...]:
+  """The missing-modality sets config.eval asks for, both fields validated.
+
+  Returns:
+    MISSING_SWEEP for config.eval.missing="all", else the one set.
+  """
+  missing_side(config)
+  if _is_sweep(config.eval.missing):
+    return MISSING_SWEEP
+  return (parse_missing(config.eval.missing),)
+
+
+def _check_missing_for_training(config: ml_collections.ConfigDict) -> None:
+  # Before training, not after it: a training run evaluates one set.
+  missing_sets(config)
+  if _is_sweep(config.eval.missing):
+    raise ValueError(
+        "config.eval.missing='all' sweeps the missing-modality sets of a "
+        "trained run and needs --mode eval; train with config.eval.missing="
+        "none (or one set), then run --mode eval --config.eval.missing=all")
+
+
+def missing_by_side(missing: Sequence[str],
+                    side: str) -> dict[str, tuple[str, ...]]:
+  """What the query and the gallery each lack when `side` loses `missing`."""
+  return {s: tuple(missing) if side in (s, "both") else ()
+          for s in ("query", "gallery")}
+
+
+def input_keep(missing: Sequence[str] = (),
+               zero_flare: bool = False) -> dict[str, np.ndarray]:
+  """Which network inputs an evaluation feeds, as the arrays blank_inputs reads.
+
+  Args:
+    missing: modalities that are missing.
+    zero_flare: feed no flare pseudo-label at all (FCE replaces nothing).
+
+  Returns:
+    "images": bool (3,) in MODALITIES order, False for a missing modality;
+    "flare": bool (2,) in FLARE_MODALITIES order, False for a missing RGB or
+    NI (a missing image has no flare), and everywhere with zero_flare.
+  """
+  unknown = set(missing) - set(MODALITIES)
+  if unknown:
+    raise ValueError(f"Unknown modalities {sorted(unknown)}; known: "
+                     f"{MODALITIES}")
+  return {"images": np.array([m not in missing for m in MODALITIES]),
+          "flare": np.array([m not in missing and not zero_flare
+                             for m in FLARE_MODALITIES])}
+
+
+def blank_inputs(batch: Mapping[str, jax.Array],
+                 keep: Mapping[str, jax.Array]) -> dict:
+  """The batch as the network sees it: what `keep` leaves out is zero.
+
+  Applied to normalised images, so a missing image is a network input of
+  exactly 0 (every pixel at the normalisation mean), and its flare
+  pseudo-label is 0.
+
+  Args:
+    batch: rgb, ni, ti (B, H, W, 3) normalised, flare (B, 2), anything else.
+    keep: input_keep's "images" (3,) and "flare" (2,) booleans; arrays, so
+      that one compilation serves every missing set.
+
+  Returns:
+    The batch with those images and pseudo-label columns zeroed; the other
+    entries are the same arrays.
+  """
+  out = dict(batch)
+  for i, m in enumerate(MODALITIES):
+    # A Python 0 is weakly typed: the images keep their dtype.
+    out[m] = jnp.where(keep["images"][i], batch[m], 0)
+  out["flare"] = jnp.where(keep["flare"], batch["flare"], 0)
+  return out
+
+
+def embedding_function(config: ml_collections.ConfigDict, model: FACENet,
+                       sharding: Sharding) -> Callable:
+  """extract's jitted (variables, batch, keep) -> (embedding, metadata).
+
+  What is fed (`keep`, from input_keep) is an input, not a constant, so one
+  compilation serves both splits and every set of a missing-modality sweep.
+  The metadata goes through the same jit with replicated outputs: that is the
+  all-gather that gives every process every example on multiple hosts. It
+  holds the real "flare" labels and the "flare_input" fed.
+  """
   embed = functools.partial(embed_step, model=model,
                             flip_average=config.eval.flip_average)
 
-  def embed_batch(v, b):
-    inputs = {**b, "flare": jnp.zeros_like(b["flare"])} if zero_flare else b
-    return embed(v, inputs)
+  def run(variables, batch, keep):
+    fed = blank_inputs(batch, keep)
+    metadata = {k: batch[k] for k in EVAL_METADATA}
+    metadata["flare_input"] = fed["flare"]
+    return embed(variables, fed), metadata
 
-  # The metadata goes through the same jit with replicated outputs: that is
-  # the all-gather that gives every process every example on multiple hosts.
-  fn = jax.jit(lambda v, b: (embed_batch(v, b),
-                             {k: b[k] for k in EVAL_METADATA}),
-               in_shardings=(sharding.replicated, sharding.data),
-               out_shardings=sharding.replicated)
+  return jax.jit(run, in_shardings=(sharding.replicated, sharding.data,
+                                    sharding.replicated),
+                 out_shardings=sharding.replicated)
+
+
+def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
+            split: str, sharding: Sharding, zero_flare: bool = False,
+            console: console_lib.Console = console_lib.SILENT,
+            missing: Sequence[str] = (),
+            embed_fn: Optional[Callable] = None) -> dict:
+  """Embeddings and metadata of one split, every example exactly once.
+
+  Args:
+    config: the run configuration.
+    model: the network.
+    variables: its params and batch_stats, replicated.
+    split: query | gallery | val_query | val_gallery.
+    sharding: the mesh the batches are sharded on.
+    zero_flare: feed flare pseudo-labels of 0, so that FCE replaces nothing
+      (a diagnostic).
+    console: where the progress bar goes.
+    missing: modalities to blank (blank_inputs): input 0, and delta 0 for a
+      missing RGB or NI.
+    embed_fn: embedding_function(config, model, sharding), to share one
+      compilation between calls; built here when None.
+
+  Returns:
+    "embedding" (N, 3D) and the EVAL_METADATA fields, in split order.
+    "flare" (N, 2) stays the real images' pseudo-labels, so the flare and
+    clean queries are the same whatever is fed; "flare_input" (N, 2) is what
+    the model was fed.
+  """
+  data = split_data(config, split)
+  mean, std = normalization(config)
+  if embed_fn is None:
+    embed_fn = embedding_function(config, model, sharding)
+  keep = put_replicated(input_keep(missing, zero_flare), sharding.replicated)
   # Round the batch up to a multiple of the devices; padding is masked out.
   batch_size = -(-config.eval_batch_size // sharding.mesh.size) * (
       sharding.mesh.size)
-  out = {k: [] for k in ("embedding",) + EVAL_METADATA}
+  out = {k: [] for k in ("embedding", "flare_input") + EVAL_METADATA}
   local_batch = batch_size // jax.process_count()
   per_process = -(-data.num_examples // jax.process_count())
   num_batches = -(-per_process // local_batch)
-  with console.progress(num_batches, f"embed {split} ({data.num_examples})",
-                        unit="batch") as bar:
+  desc = f"embed {split} ({data.num_examples})" + (
+      f" without {missing_label(missing)}" if missing else "")
+  with console.progress(num_batches, desc, unit="batch") as bar:
     for b, local in enumerate(pipeline.eval_batches(
         data, batch_size=local_batch,
         input_size=tuple(config.input_size), mean=mean, std=std,
@@ -871,14 +1056,14 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
         process_index=jax.process_index(),
         process_count=jax.process_count()), start=1):
       embedding, metadata = to_host(
-          fn(variables, sharding.global_batch(local)))
+          embed_fn(variables, sharding.global_batch(local), keep))
       out["embedding"].append(np.asarray(embedding))
       for key, value in metadata.items():
         out[key].append(np.asarray(value))
       bar.update(b)
   result = {k: np.concatenate(v) for k, v in out.items()}
-  keep = result["valid"].astype(bool)
-  result = {k: v[keep] for k, v in result.items()}
+  valid = result["valid"].astype(bool)
+  result = {k: v[valid] for k, v in result.items()}
   order = np.argsort(result["index"])
   return {k: v[order] for k, v in result.items()}
 
@@ -892,38 +1077,168 @@ def rank(config: ml_collections.ConfigDict, query: dict,
       rerank=config.eval.rerank)
 
 
+def results_file(split: str, missing: Sequence[str] = (),
+                 side: str = "both") -> str:
+  """The name of the results file of one evaluation, in the workdir.
+
+  eval_results.json (test) / eval_results_val.json (val) with every
+  modality: the files the study driver reads. A missing set writes
+  eval_results_missing-<m>[+<m>]_<side>[_val].json, so that it never
+  overwrites them (e.g. eval_results_missing-rgb+ni_both.json).
+  """
+  name = checkpointing.EVAL_RESULTS_FILE
+  if missing:
+    stem, ext = os.path.splitext(name)
+    name = f"{stem}_missing-{'+'.join(missing)}_{side}{ext}"
+  return checkpointing.split_file(name, split)
+
+
+def _sweep_file(name: str, split: str, side: str) -> str:
+  if side != "both":
+    stem, ext = os.path.splitext(name)
+    name = f"{stem}_{side}{ext}"
+  return checkpointing.split_file(name, split)
+
+
+def results_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where an evaluation of config writes its results (the sweep: its table)."""
+  side = missing_side(config)
+  if _is_sweep(config.eval.missing):
+    name = _sweep_file(MISSING_TABLE_FILE, config.eval.split, side)
+  else:
+    name = results_file(config.eval.split, parse_missing(config.eval.missing),
+                        side)
+  return os.path.join(workdir, name)
+
+
+def _evaluate_set(config: ml_collections.ConfigDict, workdir: str,
+                  model: FACENet, state: TrainState, sharding: Sharding,
+                  missing: tuple[str, ...], side: str, embed_fn: Callable,
+                  console: console_lib.Console) -> dict:
+  """Ranks one missing set (() = every modality) and writes its results file."""
+  query_split, gallery_split = eval_splits(config)
+  lacks = missing_by_side(missing, side)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  start = time.time()
+  query = extract(config, model, variables, query_split, sharding,
+                  console=console, missing=lacks["query"], embed_fn=embed_fn)
+  gallery = extract(config, model, variables, gallery_split, sharding,
+                    console=console, missing=lacks["gallery"],
+                    embed_fn=embed_fn)
+  results = rank(config, query, gallery)
+  results["step"] = int(to_host(state.step))
+  results["dataset"] = config.dataset
+  results["split"] = config.eval.split
+  results["missing"] = missing_label(missing)
+  # Nothing is blanked anywhere when nothing is missing: the full-modality
+  # file does not depend on an eval.missing_in that has no effect.
+  results["missing_in"] = side if missing else "none"
+  logging.info("Evaluated step %d on %s/%s in %.1fs: %s", results["step"],
+               query_split, gallery_split, time.time() - start,
+               json.dumps(results))
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, results_file(config.eval.split, missing,
+                                              side))
+    with open(path, "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+  return results
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str, model: FACENet,
              state: TrainState, sharding: Sharding,
              console: console_lib.Console = console_lib.SILENT) -> dict:
   """Ranks the gallery for every query of config.eval.split.
 
-  Writes WORKDIR/eval_results.json (test split) or eval_results_val.json
-  (val split), so that evaluating one split keeps the other's results.
+  The modalities of config.eval.missing are blanked on the side(s)
+  config.eval.missing_in names. Writes results_file(...): with every
+  modality WORKDIR/eval_results.json (test split) or eval_results_val.json
+  (val split), so that evaluating one split keeps the other's results; a
+  missing set writes a file of its own.
+
+  Raises:
+    ValueError: config.eval.missing is invalid, or "all" (a sweep:
+      evaluate_missing_sweep).
   """
+  if _is_sweep(config.eval.missing):
+    raise ValueError("config.eval.missing='all' is a sweep: use "
+                     "evaluate_missing_sweep (--mode eval)")
+  (missing,) = missing_sets(config)
+  side = missing_side(config)
+  results = _evaluate_set(config, workdir, model, state, sharding, missing,
+                          side, embedding_function(config, model, sharding),
+                          console)
   query_split, gallery_split = eval_splits(config)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  start = time.time()
-  query = extract(config, model, variables, query_split, sharding,
-                  console=console)
-  gallery = extract(config, model, variables, gallery_split, sharding,
-                    console=console)
-  results = rank(config, query, gallery)
-  results["step"] = int(to_host(state.step))
-  results["dataset"] = config.dataset
-  results["split"] = config.eval.split
-  logging.info("Evaluated step %d on %s/%s in %.1fs: %s", results["step"],
-               query_split, gallery_split, time.time() - start,
-               json.dumps(results))
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, checkpointing.split_file(
-        checkpointing.EVAL_RESULTS_FILE, config.eval.split))
-    with open(path, "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+  without = (f", without {missing_label(missing)} in the "
+             f"{'query and gallery' if side == 'both' else side}"
+             if missing else "")
   console.print(f"\n{config.dataset} {config.eval.split} split "
-                f"({query_split} vs {gallery_split}), step {results['step']}, "
-                "percentages:")
+                f"({query_split} vs {gallery_split}), step {results['step']}"
+                f"{without}, percentages:")
   console.print(evaluation.format_results(results))
   return results
+
+
+def _percent(results: Mapping[str, Any], key: str) -> str:
+  return f"{100 * results[key]:.1f}" if key in results else "-"
+
+
+def missing_modality_table(sweep: Mapping[str, Any]) -> str:
+  """A sweep (evaluate_missing_sweep) as a markdown table of percentages."""
+  where = {"both": "the query and the gallery", "query": "the query only",
+           "gallery": "the gallery only"}[sweep["missing_in"]]
+  lines = [
+      f"Missing modalities blanked in {where}: {sweep['dataset']}, "
+      f"{sweep['split']} split, step {sweep['step']}; percentages. flare / "
+      "clean: the queries whose real RGB or NI image has flare / neither "
+      "has.",
+      "",
+      "| missing | present | mAP | R-1 | R-5 | R-10 | flare mAP | "
+      "clean mAP |",
+      "|---|---|---:|---:|---:|---:|---:|---:|"]
+  for row in sweep["rows"]:
+    missing = parse_missing(row["missing"])
+    present = "+".join(m for m in MODALITIES if m not in missing)
+    cells = [row["missing"], present] + [
+        _percent(row, k) for k in ("mAP", "rank1", "rank5", "rank10")] + [
+            _percent(row[s], "mAP") for s in ("flare", "clean")]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def evaluate_missing_sweep(
+    config: ml_collections.ConfigDict, workdir: str, model: FACENet,
+    state: TrainState, sharding: Sharding,
+    console: console_lib.Console = console_lib.SILENT) -> dict:
+  """config.eval.missing="all": every set of MISSING_SWEEP from one state.
+
+  Each set writes the results file that evaluating it alone writes
+  (results_file; "none" rewrites eval_results.json with the same numbers).
+  The rows go to WORKDIR/missing_modality.md (the table) and
+  missing_modality.json; _val for the val split, and _query / _gallery
+  before those for config.eval.missing_in other than "both".
+
+  Returns:
+    {"step", "dataset", "split", "missing_in", "rows"}: rows are the
+    results of every set, in MISSING_SWEEP order.
+  """
+  side = missing_side(config)
+  embed_fn = embedding_function(config, model, sharding)
+  rows = [_evaluate_set(config, workdir, model, state, sharding, missing,
+                        side, embed_fn, console)
+          for missing in MISSING_SWEEP]
+  sweep = {"step": rows[0]["step"], "dataset": config.dataset,
+           "split": config.eval.split, "missing_in": side, "rows": rows}
+  table = missing_modality_table(sweep)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, _sweep_file(
+        MISSING_ROWS_FILE, config.eval.split, side)), "w") as f:
+      json.dump(sweep, f, indent=2, sort_keys=True)
+    with open(os.path.join(workdir, _sweep_file(
+        MISSING_TABLE_FILE, config.eval.split, side)), "w") as f:
+      f.write(table)
+  console.print("")
+  console.print(table.rstrip())
+  return sweep
 
 
 def restore_for_eval(config: ml_collections.ConfigDict, workdir: str,
@@ -949,8 +1264,18 @@ def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str,
     step: Optional[int] = None,
     console: console_lib.Console = console_lib.SILENT) -> dict:
-  """--mode eval: restores the latest (or given) checkpoint and evaluates it."""
+  """--mode eval: restores the latest (or given) checkpoint and evaluates it.
+
+  config.eval.missing="all" restores once and sweeps every missing set
+  (evaluate_missing_sweep, whose summary it returns).
+  """
+  sets = missing_sets(config)  # Config errors before the checkpoint is read.
   model, state, sharding = restore_for_eval(config, workdir, step)
-  console.print(f"Evaluating step {int(to_host(state.step))} of {workdir} on "
-                f"the {config.eval.split} split; {_devices()}")
+  what = (f"with each of the {len(sets)} missing-modality sets "
+          if len(sets) > 1 else "")
+  console.print(f"Evaluating step {int(to_host(state.step))} of {workdir} "
+                f"{what}on the {config.eval.split} split; {_devices()}")
+  if _is_sweep(config.eval.missing):
+    return evaluate_missing_sweep(config, workdir, model, state, sharding,
+                                  console)
   return evaluate(config, workdir, model, state, sharding, console)

@@ -3,6 +3,8 @@
   python scripts/main.py --config configs/synthetic.py --workdir /tmp/facenet
   python scripts/main.py --config configs/synthetic.py --workdir /tmp/facenet \
       --mode eval [--step 500]
+  python scripts/main.py --config configs/synthetic.py --workdir /tmp/facenet \
+      --mode eval --config.eval.missing=all    # missing-modality table
 
 Any config field can be overridden, e.g. --config.num_train_steps=200.
 The console shows a short header, progress bars and the results; the full log
@@ -69,7 +71,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 with _NativeStartupLines(active=not _VERBOSE) as _STARTUP:
   import jax  # noqa: E402
   import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
-  from facenet_jax import checkpointing  # noqa: E402
   from facenet_jax import console as console_lib  # noqa: E402
   from facenet_jax import train  # noqa: E402
 
@@ -137,9 +138,7 @@ def _parse_flags(argv):
     _user_error(f"bad config override: {_one_line(e)}")
 
 
-def _where(workdir: str, split: str, log_file: str) -> str:
-  results = os.path.join(workdir, checkpointing.split_file(
-      checkpointing.EVAL_RESULTS_FILE, split))
+def _where(workdir: str, results: str, log_file: str) -> str:
   return "\n".join([
       f"results      {results}",
       f"checkpoints  {os.path.join(workdir, 'checkpoints')}",
@@ -171,7 +170,8 @@ def main(argv):
     else:
       train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value, console)
     console.print("")
-    console.print(_where(_WORKDIR.value, config.eval.split, log_file))
+    console.print(_where(_WORKDIR.value,
+                         train.results_path(config, _WORKDIR.value), log_file))
   except USER_ERRORS as e:
     # The traceback goes to log.txt only (INFO stays off the console).
     logging.info("Stopped by a user error", exc_info=True)
