@@ -59,7 +59,7 @@ ADDED_FIELDS = {"preprocess": {"clahe": False, "clahe_clip_limit": 0.01},
                 "loss": {"flare_pixel_weight": 0.0,
                          "fce_consistency_weight": 0.0},
                 "input": {"cache": "auto", "cache_max_gb": 4.0,
-                          "device_prefetch": 2},
+                          "device_prefetch": 2, "threads": -1},
                 "val_ids": 0}
 
 

@@ -454,6 +454,10 @@ def _check_input(config: ml_collections.ConfigDict) -> None:
   if not config.input.cache_max_gb >= 0:
     raise ValueError(f"config.input.cache_max_gb must be >= 0, got "
                      f"{config.input.cache_max_gb!r}")
+  threads = config.input.threads
+  if isinstance(threads, bool) or not isinstance(threads, int) or threads < -1:
+    raise ValueError(f"config.input.threads must be an integer >= -1 (-1 = "
+                     f"auto), got {threads!r}")
   prefetch = config.input.device_prefetch
   if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
     raise ValueError(f"config.input.device_prefetch must be an integer >= 0, "
@@ -581,6 +585,17 @@ def _check_batch(config: ml_collections.ConfigDict, sharding: Sharding) -> None:
 # --- The loop ------------------------------------------------------------------
 
 
+def input_threads(config: ml_collections.ConfigDict) -> int:
+  """tf.data threads of the training input (0 = TF's AUTOTUNE).
+
+  config.input.threads = -1 picks 1 when the step runs on the CPU, where
+  more input threads take cores from the step, and AUTOTUNE on accelerators.
+  """
+  if config.input.threads >= 0:
+    return config.input.threads
+  return 1 if jax.default_backend() == "cpu" else 0
+
+
 def input_batches(config: ml_collections.ConfigDict,
                   train_data: pipeline.SplitData, sharding: "Sharding",
                   start_step: int) -> Iterator[dict]:
@@ -601,6 +616,7 @@ def input_batches(config: ml_collections.ConfigDict,
       start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count(),
       saturation=saturation, saturation_bar=config.flare.pixel_low,
+      num_threads=input_threads(config),
       cache=training_cache(config, train_data, saturation))
   return device_prefetch(batches, sharding.global_batch,
                          config.input.device_prefetch)

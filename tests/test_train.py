@@ -331,9 +331,17 @@ class InputTest(absltest.TestCase):
     self.assertLessEqual(count, 3 + 2 + 1)
     self.assertEqual(len(drawn), count)
 
+  def test_input_threads(self):
+    config = tiny.get_config()
+    self.assertEqual(train.input_threads(config), 1)  # The CPU backend.
+    config.input.threads = 0
+    self.assertEqual(train.input_threads(config), 0)
+    config.input.threads = 3
+    self.assertEqual(train.input_threads(config), 3)
+
   def test_bad_input_fields_are_named(self):
     for field, value in (("cache", "disk"), ("cache_max_gb", -1.0),
-                         ("device_prefetch", -1)):
+                         ("device_prefetch", -1), ("threads", -2)):
       config = tiny.get_config()
       config.input[field] = value
       with self.assertRaisesRegex(ValueError, f"config.input.{field}"):
