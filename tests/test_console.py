@@ -65,7 +65,8 @@ class RouteLogsTest(absltest.TestCase):
     workdir = tempfile.mkdtemp()
     absl_handler = logging.get_absl_handler()
     level = absl_handler.level
-    verbosity = logging.get_verbosity()
+    absl_logger = std_logging.getLogger("absl")
+    absl_level = absl_logger.level
     root = std_logging.getLogger()
     before = list(root.handlers)
     try:
@@ -78,7 +79,8 @@ class RouteLogsTest(absltest.TestCase):
           handler.close()
           root.removeHandler(handler)
       absl_handler.setLevel(level)
-      logging.set_verbosity(verbosity)
+      # Not set_verbosity: that would pin a level the logger did not have.
+      absl_logger.setLevel(absl_level)
       std_logging.captureWarnings(False)
     self.assertEqual(path, os.path.join(workdir, console.LOG_FILE))
     with open(path) as f:
