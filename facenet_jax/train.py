@@ -1060,8 +1060,8 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
       sharding.mesh.size)
   out = {k: [] for k in ("embedding", "flare_input") + EVAL_METADATA}
   local_batch = batch_size // jax.process_count()
-  per_process = -(-data.num_examples // jax.process_count())
-  num_batches = -(-per_process // local_batch)
+  num_batches = pipeline.num_eval_batches(data.num_examples, local_batch,
+                                          jax.process_count())
   desc = f"embed {split} ({data.num_examples})" + (
       f" without {missing_label(missing)}" if missing else "")
   with console.progress(num_batches, desc, unit="batch") as bar:

@@ -569,17 +569,19 @@ def train_batches(data: SplitData, *, ids_per_batch: int, instances_per_id: int,
                "batch %d, from step %d.", data.num_examples, data.num_ids,
                sampler.steps_per_epoch, stop - start, start_step)
 
-  source = data if cache is None else cache
-  image_keys = MODALITIES + (
-      (ops.SATURATION_KEY,) if saturation and cache is not None else ())
+  # The arrays rows are drawn from: encoded bytes, or the decoded cache (with
+  # the saturation map it holds, when it is asked for).
+  if cache is None:
+    sources = {m: getattr(data, m) for m in MODALITIES}
+  else:
+    keys = MODALITIES + ((ops.SATURATION_KEY,) if saturation else ())
+    sources = {k: cache[k] for k in keys}
 
   def rows(step: int) -> dict[str, np.ndarray]:
     index = sampler.batch(step)[start:stop]
     position = step * global_size + np.arange(start, stop, dtype=np.int64)
-    images = {k: (source[k] if cache is not None else getattr(source, k))[index]
-              for k in image_keys}
     return {
-        **images,
+        **{k: v[index] for k, v in sources.items()},
         "label": labels[index], "pid": data.pid[index],
         "camid": data.camid[index], "flare_ratio": data.flare_ratio[index],
         ops.RNG_KEY: np.stack([np.full_like(position, seed), position], axis=1),
@@ -626,6 +628,13 @@ def train_batches(data: SplitData, *, ids_per_batch: int, instances_per_id: int,
   return ds.as_numpy_iterator()
 
 
+def num_eval_batches(num_examples: int, batch_size: int,
+                     process_count: int = 1) -> int:
+  """How many batches `eval_batches` yields on every process."""
+  per_process = -(-num_examples // process_count)
+  return -(-per_process // batch_size)
+
+
 def eval_batches(data: SplitData, *, batch_size: int, input_size: Sequence[int],
                  mean: Sequence[Sequence[float]],
                  std: Sequence[Sequence[float]], flare_threshold: float,
@@ -666,8 +675,7 @@ def eval_batches(data: SplitData, *, batch_size: int, input_size: Sequence[int],
     raise ValueError(
         f"process_index {process_index} not in [0, {process_count})")
   n = data.num_examples
-  per_process = -(-n // process_count)
-  num_batches = -(-per_process // batch_size)
+  num_batches = num_eval_batches(n, batch_size, process_count)
   if not num_batches:
     return iter(())
   index = np.full(num_batches * batch_size, -1, np.int64)
