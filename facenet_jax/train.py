@@ -1257,18 +1257,26 @@ def evaluate_missing_sweep(
   return sweep
 
 
+def abstract_state(config: ml_collections.ConfigDict, num_classes: int,
+                   steps_per_epoch: int):
+  """(model, optimizer, the state's shapes and dtypes) of a config; no arrays."""
+  model = build_model(config, num_classes)
+  optimizer = build_optimizer(
+      config, learning_rate_schedule(config, steps_per_epoch))
+  abstract = jax.eval_shape(
+      functools.partial(create_state, model, optimizer,
+                        tuple(config.input_size)), jax.random.key(0))
+  return model, optimizer, abstract
+
+
 def restore_for_eval(config: ml_collections.ConfigDict, workdir: str,
                      step: Optional[int] = None):
   """Model and state of a finished (or interrupted) run, for eval/inference."""
   checkpointing.check_config(workdir, config, has_state=True, write=False)
   info = checkpointing.read_run_info(workdir)
-  model = build_model(config, info["num_classes"])
-  spe = info["steps_per_epoch"]
-  optimizer = build_optimizer(config, learning_rate_schedule(config, spe))
+  model, _, abstract = abstract_state(config, info["num_classes"],
+                                      info["steps_per_epoch"])
   sharding = Sharding.create()
-  abstract = jax.eval_shape(
-      functools.partial(create_state, model, optimizer,
-                        tuple(config.input_size)), jax.random.key(0))
   state_sharding = jax.tree.map(lambda _: sharding.replicated, abstract)
   ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
   state = ckpt.restore(_with_sharding(abstract, state_sharding), step)

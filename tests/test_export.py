@@ -8,7 +8,6 @@ jax.export function) on `Embedder.inputs` of generated raw triplets, and
 compared with the JAX Embedder on the same raw images.
 """
 
-import functools
 import importlib.util
 import os
 import subprocess
@@ -43,12 +42,8 @@ def _random_state(config, seed: int) -> train.TrainState:
   network; BatchNorm variances in [1, 1.5], means, biases and mask
   thresholds ~ N(0, 0.1).
   """
-  model = train.build_model(config, NUM_CLASSES)
-  optimizer = train.build_optimizer(
-      config, train.learning_rate_schedule(config, steps_per_epoch=2))
-  abstract = jax.eval_shape(
-      functools.partial(train.create_state, model, optimizer,
-                        tuple(config.input_size)), jax.random.key(0))
+  _, optimizer, abstract = train.abstract_state(config, NUM_CLASSES,
+                                                steps_per_epoch=2)
   rng = np.random.default_rng(seed)
 
   def noise(path, leaf):

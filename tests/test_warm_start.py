@@ -9,7 +9,6 @@ new run's own values by chance. One real 1-step `train_and_evaluate` run,
 warm-started from the baseline and then resumed, covers the trainer's wiring.
 """
 
-import functools
 import json
 import os
 import shutil
@@ -45,12 +44,8 @@ def _init(config, seed: int, num_classes: int = NUM_CLASSES):
   Small enough values to train on: weights ~ N(0, 0.05), BatchNorm scales
   and variances around 1.
   """
-  model = train.build_model(config, num_classes)
-  optimizer = train.build_optimizer(
-      config, train.learning_rate_schedule(config, steps_per_epoch=10))
-  abstract = jax.eval_shape(
-      functools.partial(train.create_state, model, optimizer,
-                        tuple(config.input_size)), jax.random.key(0))
+  _, optimizer, abstract = train.abstract_state(config, num_classes,
+                                                steps_per_epoch=10)
   rng = np.random.default_rng(seed)
 
   def noise(path, leaf):
