@@ -119,6 +119,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Beyond the paper (paper: False): the mask branch reads stop-gradient
   # features, so the flare losses train the branch but not the backbones.
   config.model.mask_detach = True
+  # Stage (1-4) whose map the mask branch reads, box-pooled to the plug-in
+  # grid; 0 = the plug-in stage itself (the paper). Beyond the paper when
+  # earlier: low-level features still show the saturation that identity
+  # training removes from late ones.
+  config.model.mask_stage = 0
   # Beyond the paper (paper: False): FCE pastes an identity-initialised
   # conv1x1(f_T) instead of f_T.
   config.model.fce_projection = True
@@ -128,6 +133,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Mask FCE pastes with at evaluation: "hard" (the paper) or "soft"
   # sigmoid((m - Delta)/tau) (beyond the paper; val: worse).
   config.model.fce_inference_mask = "hard"
+  # What FCE puts where a flare sample's mask is on: "ti" (TI features, the
+  # paper) or "none" (beyond the paper: the masked positions are left out
+  # of the stream's pooling; needs plug_stage 4).
+  config.model.fce_fill = "ti"
   # Beyond the paper (paper: True): FCE's straight-through gradient from the
   # identity losses does not reach the mask; only the flare losses train it.
   config.model.fce_mask_gradient = False

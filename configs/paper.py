@@ -18,9 +18,11 @@ def apply_paper_reading(config):
   """Sets every flare-mechanism field to the paper's reading, in place."""
   config.model.smp = "mask"
   config.model.mask_detach = False
+  config.model.mask_stage = 0
   config.model.fce_projection = False
   config.model.fce_clean = "enhanced"
   config.model.fce_inference_mask = "hard"
+  config.model.fce_fill = "ti"
   config.model.fce_mask_gradient = True
   config.loss.flare_pixel_weight = 0.0
   config.loss.fce_consistency_weight = 0.0

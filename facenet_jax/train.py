@@ -84,8 +84,10 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FACENet:
       fmi_reduction=m.fmi_attention_reduction,
       mask_temperature=m.mask_temperature, smp=m.smp,
       smp_pooling=m.smp_pooling, smp_topk_fraction=m.smp_topk_fraction,
-      mask_detach=m.mask_detach, fce_projection=m.fce_projection,
+      mask_detach=m.mask_detach, mask_stage=m.mask_stage,
+      fce_projection=m.fce_projection,
       fce_clean=m.fce_clean, fce_inference_mask=m.fce_inference_mask,
+      fce_fill=m.fce_fill,
       fce_mask_gradient=m.fce_mask_gradient,
       embedding_source=m.embedding, dtype=DTYPES[m.dtype])
 

@@ -296,6 +296,34 @@ class MaskSupervisionTest(parameterized.TestCase):
     self.assertGreater(_abs_sum(detached["rgb_mask"]["mask_logits"]), 0.0)
     self.assertGreater(_abs_sum(detached["fmi"]), 0.0)
 
+  def test_mask_stage_reads_the_earlier_map_only(self):
+    # The branch reads stage 1 pooled to the stage-4 grid: the flare loss
+    # reaches stage 1 (and the stem) of the RGB and NI streams, not the
+    # stages after it, and a 1x1 convolution aligns the channels.
+    grads = self._flare_grads(mask_stage=1)
+    rgb = grads["rgb_backbone"]
+    self.assertGreater(_abs_sum(rgb["layer1"]), 0.0)
+    self.assertGreater(_abs_sum(rgb["conv1"]), 0.0)
+    for layer in ("layer2", "layer3", "layer4"):
+      self.assertEqual(_abs_sum(rgb[layer]), 0.0, layer)
+    self.assertEqual(_abs_sum(grads["ti_backbone"]), 0.0)
+    self.assertIn("self_align", grads["rgb_mask"])
+    model, variables = _tiny_variables(mask_stage=1)
+    out = model.apply(variables, _images(jax.random.key(3), 2),
+                      jnp.ones((2, 2)))
+    self.assertEqual(out.masks["rgb"].shape[1:3], (H // 16, W // 16))
+
+  def test_mask_stage_after_plug_stage_raises(self):
+    with self.assertRaisesRegex(ValueError, "model.mask_stage"):
+      _tiny_variables(mask_stage=4, plug_stage=3)
+
+  def test_pool_to_grid_averages_cells(self):
+    x = jnp.arange(16.).reshape(1, 4, 4, 1)
+    pooled = facenet_lib.pool_to_grid(x, (2, 2))
+    np.testing.assert_allclose(pooled[0, :, :, 0], [[2.5, 4.5], [10.5, 12.5]])
+    with self.assertRaisesRegex(ValueError, "3x3"):
+      facenet_lib.pool_to_grid(x, (3, 3))
+
   @parameterized.parameters("topk", "lse", "max", "mean")
   def test_pooling_of_a_constant_map_is_the_constant(self, pooling):
     maps = jnp.full((2, 4, 3, 5), 1.5)
@@ -332,6 +360,41 @@ class MaskSupervisionTest(parameterized.TestCase):
 
 
 class FCEOptionsTest(absltest.TestCase):
+
+  def test_weighted_pooling_leaves_out_zero_weight_positions(self):
+    head = facenet_lib.StreamHead(num_classes=3)
+    x = jnp.arange(8.).reshape(1, 2, 2, 2)
+    weights = jnp.array([1., 0., 1., 0., 0., 0., 0., 0.]).reshape(1, 2, 2, 2)
+    variables = head.init(jax.random.key(0), x, False)
+    feature, _, _ = head.apply(variables, x, False, weights)
+    # Channel 0 averages positions (0, 0) and (0, 1): 0 and 2; channel 1 has
+    # no weight left and falls back to the plain mean of 1, 3, 5, 7.
+    np.testing.assert_allclose(feature, [[1.0, 4.0]])
+    plain, _, _ = head.apply(variables, x, False)
+    np.testing.assert_allclose(plain, [[3.0, 4.0]])
+
+  def test_fill_none_pools_only_unmasked_positions_of_flare_samples(self):
+    images = _images(jax.random.key(9), 2)
+    flare = jnp.array([[1., 1.], [0., 0.]])
+    model, variables = _tiny_variables(fce_fill="none", fce_clean="identity")
+    self.assertNotIn("rgb_fce_projection", variables["params"])
+    out = model.apply(variables, images, flare)
+    self.assertEqual(dict(out.fce_guides), {})
+    baseline_model = FACENet(num_classes=7, use_mfmp=False, use_fce=False,
+                             **TINY)
+    params = {k: v for k, v in variables["params"].items()
+              if k.endswith(("_backbone", "_head"))}
+    stats = {k: v for k, v in variables["batch_stats"].items()
+             if k.endswith(("_backbone", "_head"))}
+    plain = baseline_model.apply({"params": params, "batch_stats": stats},
+                                 images, flare)
+    # The clean sample and the TI stream are pooled as in the baseline.
+    np.testing.assert_allclose(out.features["rgb"][1], plain.features["rgb"][1],
+                               rtol=1e-5)
+    np.testing.assert_allclose(out.features["ti"], plain.features["ti"],
+                               rtol=1e-5)
+    with self.assertRaisesRegex(ValueError, "fce_fill"):
+      _tiny_variables(fce_fill="none", plug_stage=3)
 
   def test_identity_initialised_projection_equals_the_paper_at_init(self):
     images = _images(jax.random.key(8), 2)

@@ -16,7 +16,7 @@ the stage-4 map (the per-stream feature dimension).
 """
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import flax
 import flax.linen as nn
@@ -149,6 +149,7 @@ SMP_MODES = ("mask", "head")
 SMP_POOLINGS = ("topk", "lse", "max", "mean")
 FCE_CLEAN = ("enhanced", "identity")
 FCE_INFERENCE_MASKS = ("hard", "soft")
+FCE_FILLS = ("ti", "none")
 
 
 def pool_positions(position_logits: Array, pooling: str,
@@ -207,13 +208,27 @@ class FlareMask(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, f_common: Array, f_self: Array):
+  def __call__(self, f_common: Array, f_self: Array,
+               branch_view: Optional[Array] = None):
     """Maps f_self (B, h, w, C) to (A_S, m_S float32, Delta, M_S, head logit).
+
+    Args:
+      f_common: (B, h, w, C') what the masks are predicted from (f_C, or
+        the branch's view of f_S without FMI).
+      f_self: (B, h, w, C) f_S at the plug-in point.
+      branch_view: (B, h, w, C'') what the mask branch reads of the stream
+        instead of f_S (`model.mask_stage`: an earlier stage's map pooled to
+        the plug-in grid, already detached when asked); None = f_S. A 1x1
+        convolution ("self_align") brings it to C channels.
 
     The head logit (B,) is None without `smp_head`.
     """
     sg = jax.lax.stop_gradient if self.detach else (lambda x: x)
-    branch_self = sg(f_self)
+    if branch_view is None:
+      branch_self = sg(f_self)
+    else:
+      branch_self = _conv1x1(self.channels, self.dtype, "self_align")(
+          branch_view)
     affinity = nn.sigmoid(
         _conv1x1(self.channels, self.dtype, "common_proj")(f_common) *
         _conv1x1(self.channels, self.dtype, "self_proj")(branch_self))
@@ -257,6 +272,16 @@ def flare_aware_enhancement(f_self: Array, f_guide: Array, mask: Array,
   return jnp.where(gate, restored, clean)
 
 
+def pool_to_grid(x: Array, size: tuple[int, int]) -> Array:
+  """Box-averages a (B, H, W, C) map to (B, h, w, C); h, w must divide H, W."""
+  b, height, width, c = x.shape
+  h, w = size
+  if height % h or width % w:
+    raise ValueError(f"model.mask_stage: a {height}x{width} map does not "
+                     f"pool to the {h}x{w} plug-in grid")
+  return jnp.mean(x.reshape(b, h, height // h, w, width // w, c), axis=(2, 4))
+
+
 def _identity_kernel(key, shape, dtype=jnp.float32):
   """A 1x1 convolution kernel that starts as the identity map."""
   del key
@@ -269,9 +294,22 @@ class StreamHead(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool):
-    """Maps (B, h, w, D) to (feature (B, D), neck feature (B, D), logits)."""
-    feature = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+  def __call__(self, x: Array, train: bool,
+               weights: Optional[Array] = None):
+    """Maps (B, h, w, D) to (feature (B, D), neck feature (B, D), logits).
+
+    `weights` (B, h, w, D) in [0, 1], if given, makes the pooling a weighted
+    mean over positions (per channel); a channel whose weights are all 0
+    falls back to the plain mean.
+    """
+    x = x.astype(jnp.float32)
+    if weights is None:
+      feature = jnp.mean(x, axis=(1, 2))
+    else:
+      weights = weights.astype(jnp.float32)
+      total = jnp.sum(weights, axis=(1, 2))
+      weighted = jnp.sum(weights * x, axis=(1, 2)) / jnp.maximum(total, 1e-6)
+      feature = jnp.where(total > 0, weighted, jnp.mean(x, axis=(1, 2)))
     neck = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                         epsilon=1e-5, use_bias=False, dtype=jnp.float32,
                         name="neck")(feature)
@@ -305,6 +343,11 @@ class FACENet(nn.Module):
     smp_topk_fraction: share of positions averaged by topk pooling.
     mask_detach: the mask branch reads stop_gradient features, so the flare
       losses do not train the backbones (beyond the paper).
+    mask_stage: the stage whose map the mask branch (FMI and the mask
+      logits) reads, box-pooled to the plug-in grid; 0 = the plug-in stage
+      itself (the paper). An earlier stage keeps the low-level evidence of
+      saturation that identity training removes from late features (beyond
+      the paper); A_S and FCE still act on the plug-in map.
     fce_projection: FCE pastes conv1x1(f_T) (identity-initialised, one per
       flare modality) instead of f_T itself (beyond the paper).
     fce_clean: what a flare-free sample gets: "enhanced" (A_S, the paper) or
@@ -312,6 +355,11 @@ class FACENet(nn.Module):
     fce_inference_mask: "hard" M_S at evaluation (the paper) or "soft"
       sigmoid((m_S - Delta) / tau) (beyond the paper). Training always uses
       the hard mask with its straight-through gradient.
+    fce_fill: what FCE puts where a flare sample's mask is on: "ti" (the
+      TI map or its projection, the paper) or "none" (nothing: those
+      positions are left out of the stream's global pooling, so the feature
+      is the mean of the unmasked positions; beyond the paper, needs
+      plug_stage 4, where pooling follows FCE directly).
     fce_mask_gradient: the identity losses reach the mask through FCE's
       straight-through gradient (the paper's reading). False stops it, so
       that only the flare losses shape the mask (beyond the paper): the
@@ -335,9 +383,11 @@ class FACENet(nn.Module):
   smp_pooling: str = "topk"
   smp_topk_fraction: float = 0.25
   mask_detach: bool = False
+  mask_stage: int = 0
   fce_projection: bool = False
   fce_clean: str = "enhanced"
   fce_inference_mask: str = "hard"
+  fce_fill: str = "ti"
   fce_mask_gradient: bool = True
   embedding_source: str = "before_bn"
   dtype: Dtype = jnp.float32
@@ -348,11 +398,20 @@ class FACENet(nn.Module):
                        "that MFMP predicts.")
     if self.plug_stage not in (1, 2, 3, 4):
       raise ValueError(f"model.plug_stage must be 1-4, got {self.plug_stage}")
+    if self.fce_fill == "none" and self.use_fce and self.plug_stage != 4:
+      raise ValueError("model.fce_fill='none' needs model.plug_stage=4: it "
+                       "leaves the masked positions out of the pooling that "
+                       f"follows stage 4, got plug_stage={self.plug_stage}")
+    if not 0 <= self.mask_stage <= self.plug_stage:
+      raise ValueError(f"model.mask_stage must be 0 (the plug-in stage) or "
+                       f"1-{self.plug_stage} (at most model.plug_stage), got "
+                       f"{self.mask_stage}")
     for field, value, allowed in (
         ("smp", self.smp, SMP_MODES),
         ("smp_pooling", self.smp_pooling, SMP_POOLINGS),
         ("fce_clean", self.fce_clean, FCE_CLEAN),
-        ("fce_inference_mask", self.fce_inference_mask, FCE_INFERENCE_MASKS)):
+        ("fce_inference_mask", self.fce_inference_mask, FCE_INFERENCE_MASKS),
+        ("fce_fill", self.fce_fill, FCE_FILLS)):
       if value not in allowed:
         raise ValueError(f"model.{field} must be one of {allowed}, "
                          f"got {value!r}")
@@ -384,25 +443,34 @@ class FACENet(nn.Module):
                                   self.last_stride, self.dtype,
                                   name=f"{m}_backbone") for m in MODALITIES}
     maps = {m: backbones[m].stem(images[m], train) for m in MODALITIES}
+    early = None
     for stage in range(1, self.plug_stage + 1):
       maps = {m: backbones[m].stage(stage, maps[m], train) for m in MODALITIES}
+      if stage == self.mask_stage and stage < self.plug_stage:
+        early = {m: maps[m] for m in FLARE_MODALITIES}
 
     masks, flare_logits, thresholds, flare_maps = {}, {}, {}, {}
-    guides, plug_features = {}, {}
+    guides, plug_features, pool_weights = {}, {}, {}
     if self.use_mfmp:
       channels = maps["rgb"].shape[-1]
       sg = jax.lax.stop_gradient if self.mask_detach else (lambda x: x)
+      # What the mask branch reads of each flare stream: f_S, or an earlier
+      # stage's map pooled to the plug-in grid (model.mask_stage).
+      views = {m: sg(maps[m]) for m in FLARE_MODALITIES}
+      if early is not None:
+        grid = maps["rgb"].shape[1:3]
+        views = {m: pool_to_grid(sg(early[m]), grid) for m in FLARE_MODALITIES}
       common = None
       if self.use_fmi:
         common = FMI(channels, self.fmi_width or channels, self.fmi_reduction,
-                     self.dtype, name="fmi")(sg(maps["rgb"]), sg(maps["ni"]),
-                                             train)
+                     self.dtype, name="fmi")(views["rgb"], views["ni"], train)
       for i, m in enumerate(FLARE_MODALITIES):
         # Without FMI each modality predicts its mask from itself alone.
-        source = common if common is not None else sg(maps[m])
+        source = common if common is not None else views[m]
         enhanced, mask_logits, threshold, mask, head_logit = FlareMask(
             channels, self.mask_temperature, self.smp == "head",
-            self.mask_detach, self.dtype, name=f"{m}_mask")(source, maps[m])
+            self.mask_detach, self.dtype, name=f"{m}_mask")(
+                source, maps[m], views[m] if early is not None else None)
         margin = (mask_logits - threshold) / self.mask_temperature
         flare_maps[m] = margin
         if self.smp == "mask":
@@ -413,6 +481,15 @@ class FACENet(nn.Module):
         masks[m], thresholds[m] = mask, threshold
         if not self.use_fce:
           maps[m] = enhanced
+          continue
+        paste = mask if self.fce_mask_gradient else jax.lax.stop_gradient(mask)
+        if not train and self.fce_inference_mask == "soft":
+          paste = nn.sigmoid(margin)
+        clean = enhanced if self.fce_clean == "enhanced" else maps[m]
+        if self.fce_fill == "none":
+          gate = (flare[:, i] > 0.5)[:, None, None, None]
+          maps[m] = jnp.where(gate, maps[m], clean)
+          pool_weights[m] = 1 - paste * gate.astype(paste.dtype)
           continue
         guide = maps[GUIDE_MODALITY]
         # What the consistency loss reads: the same projection of a
@@ -427,11 +504,7 @@ class FACENet(nn.Module):
                                name=f"{m}_fce_projection")
           consistency_guide = projection(consistency_guide)
           guide = projection(guide)
-        paste = mask if self.fce_mask_gradient else jax.lax.stop_gradient(mask)
-        if not train and self.fce_inference_mask == "soft":
-          paste = nn.sigmoid(margin)
         guides[m], plug_features[m] = consistency_guide, maps[m]
-        clean = enhanced if self.fce_clean == "enhanced" else maps[m]
         maps[m] = flare_aware_enhancement(maps[m], guide, paste, clean,
                                           flare[:, i])
 
@@ -441,7 +514,8 @@ class FACENet(nn.Module):
     features, necks, logits = {}, {}, {}
     for m in MODALITIES:
       features[m], necks[m], logits[m] = StreamHead(
-          self.num_classes, self.dtype, name=f"{m}_head")(maps[m], train)
+          self.num_classes, self.dtype, name=f"{m}_head")(
+              maps[m], train, pool_weights.get(m))
     source = features if self.embedding_source == "before_bn" else necks
     embedding = jnp.concatenate([source[m] for m in MODALITIES], axis=-1)
     return ModelOutput(embedding=embedding, features=features, logits=logits,
