@@ -196,6 +196,45 @@ def _tuples(value: Any) -> Any:
   return value
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Steps of the checkpoints in WORKDIR/checkpoints, oldest first.
+
+  Reads the directory only (an Orbax manager would create it when missing),
+  and skips the temporary directories of an unfinished save.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def check_run_dir(workdir: str, step: Optional[int] = None) -> list[int]:
+  """One-line errors for a workdir that holds no finished run to read.
+
+  For the commands that read a trained run (export, pictures) before they
+  restore it; nothing is created while looking.
+
+  Returns:
+    The checkpoint steps, oldest first.
+
+  Raises:
+    FileNotFoundError: WORKDIR/config.json missing, or no (such) checkpoint.
+  """
+  config_file = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(config_file):
+    raise FileNotFoundError(f"--workdir {workdir}: {config_file} not found "
+                            "(not a run directory of scripts/main.py)")
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(
+        f"--workdir {workdir}: no checkpoint in "
+        f"{os.path.join(workdir, 'checkpoints')} (train the run first)")
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"--step {step}: no such checkpoint in {workdir}; "
+                            f"available steps: {steps}")
+  return steps
+
+
 class Checkpointer:
   """Periodic saves, keep-last-N, and restore of an abstract state."""
 

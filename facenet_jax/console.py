@@ -8,14 +8,23 @@ absl's --verbosity >= 1 they reach the console as well.
 A progress bar is live (tqdm, redrawn in place) when the stream is a
 terminal. Otherwise (CI, nohup, a pipe) it prints a plain line at most every
 `interval` seconds and at the end: no carriage returns in a log file.
+
+The scripts share the rest of the chrome from here: the native start-up lines
+held back (`NativeStartupLines`), and a user error as one line with exit
+status 2 (`parse_flags`, `stop_on_user_error`). This module imports no JAX
+or TensorFlow, so the scripts can import it before them.
 """
 
+import ast
+import contextlib
 import logging as std_logging
 import os
 import sys
+import tempfile
 import time
-from typing import Optional, TextIO
+from typing import Iterator, Optional, Sequence, TextIO
 
+from absl import flags
 from absl import logging
 
 LOG_FILE = "log.txt"
@@ -157,3 +166,100 @@ def route_logs(workdir: str, verbosity: int) -> str:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     tfds.disable_progress_bar()
   return path
+
+
+# --- The scripts' chrome ------------------------------------------------------
+
+# Errors that mean "the input is wrong", not "the code is": bad config values,
+# datasets, checkpoints (ValueError and its subclasses), a missing file, a
+# training that diverged. Shown as one line with exit status 2.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+USER_ERROR_STATUS = 2
+
+
+def verbose_requested(argv: Sequence[str]) -> bool:
+  """Whether the command line sets absl's --verbosity (or -v)."""
+  return any(a.startswith(("--verbosity", "-v")) for a in argv[1:])
+
+
+class NativeStartupLines:
+  """Holds back what C++ libraries write to fd 2 while they are imported.
+
+  TensorFlow prints start-up lines (oneDNN, absl::InitializeLog) that no
+  environment variable silences; below --verbosity=1 they go to log.txt
+  (`text`) instead of the console. If the imports fail, they are printed.
+  """
+
+  def __init__(self, active: bool):
+    self.active = active
+    self.text = ""
+
+  def __enter__(self):
+    if self.active:
+      sys.stderr.flush()
+      self._file = tempfile.TemporaryFile()
+      self._saved = os.dup(2)
+      os.dup2(self._file.fileno(), 2)
+    return self
+
+  def __exit__(self, exc_type, *_):
+    if self.active:
+      sys.stderr.flush()
+      os.dup2(self._saved, 2)
+      os.close(self._saved)
+      self._file.seek(0)
+      self.text = self._file.read().decode("utf-8", "replace")
+      self._file.close()
+      if exc_type is not None:
+        sys.stderr.write(self.text)
+
+
+def one_line(error: BaseException) -> str:
+  """An exception's message as one line (its lines joined by "; ")."""
+  text = str(error)
+  # ml_collections re-raises a KeyError's repr ("'\\'field\\'\\nDid you
+  # mean ...'"): unquote it.
+  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    try:
+      text = str(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+      pass
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  return "; ".join(lines) or type(error).__name__
+
+
+def user_error(message: str, log_file: str = "") -> None:
+  """Prints "error: message" on stderr and exits with USER_ERROR_STATUS."""
+  where = f" (traceback in {log_file})" if log_file else ""
+  print(f"error: {message}{where}", file=sys.stderr)
+  sys.exit(USER_ERROR_STATUS)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, but a bad flag or config override is one line.
+
+  For `app.run(main, flags_parser=parse_flags)`.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    user_error(f"{e}. Try --helpfull.")
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    # ml_collections raises these for a --config.* value it cannot apply.
+    user_error(f"bad config override: {one_line(e)}")
+
+
+@contextlib.contextmanager
+def stop_on_user_error(log_file: str, verbosity: int) -> Iterator[None]:
+  """A USER_ERRORS exception in the block becomes `user_error`'s one line.
+
+  The traceback goes to log.txt only (INFO stays off the console); with
+  --verbosity >= 1 the exception is raised as it is.
+  """
+  try:
+    yield
+  except USER_ERRORS as e:
+    logging.info("Stopped by a user error", exc_info=True)
+    if verbosity >= 1:
+      raise
+    user_error(one_line(e), log_file)

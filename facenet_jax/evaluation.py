@@ -502,6 +502,64 @@ def _subset_metrics(distmat: np.ndarray, query: dict, gallery: dict,
   return out
 
 
+def distance_matrix(query: dict, gallery: dict,
+                    rerank: bool = False) -> np.ndarray:
+  """(Q, G) float32 distances of the query to the gallery embeddings.
+
+  Euclidean (`pairwise_distance`), then k-reciprocal re-ranking when rerank
+  is set: the distances every ranking of a report is made from.
+  """
+  distmat = pairwise_distance(query["embedding"], gallery["embedding"])
+  if rerank:
+    from facenet_jax import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
+    distmat = rerank_lib.k_reciprocal_rerank(
+        distmat,
+        pairwise_distance(query["embedding"], query["embedding"]),
+        pairwise_distance(gallery["embedding"], gallery["embedding"]))
+  return distmat
+
+
+def ranked_gallery(distmat: np.ndarray, q_pids: np.ndarray,
+                   g_pids: np.ndarray, q_groups: np.ndarray,
+                   g_groups: np.ndarray, k: int) -> np.ndarray:
+  """The first k gallery entries of each query's ranking in evaluate_rank.
+
+  Ascending distance, ties in gallery-index order; the entries with the
+  query's identity and group (camera, or scene under the MSVR310 protocol)
+  are removed first. For pictures of a few queries: it sorts whole rows.
+
+  Args:
+    distmat: (Q, G) distances.
+    q_pids: (Q,) query identities.
+    g_pids: (G,) gallery identities.
+    q_groups: (Q,) query camera (or scene) ids.
+    g_groups: (G,) gallery camera (or scene) ids.
+    k: entries per query (>= 1).
+
+  Returns:
+    (Q, min(k, G)) int64 gallery indices, best first; -1 where a query has
+    fewer than k entries left.
+  """
+  distmat = np.asarray(distmat)
+  if distmat.ndim != 2:
+    raise ValueError(f"distmat must be 2-D, got shape {distmat.shape}")
+  num_q, num_g = distmat.shape
+  q_pids = _as_ids("q_pids", q_pids, num_q, "distmat.shape[0]")
+  g_pids = _as_ids("g_pids", g_pids, num_g, "distmat.shape[1]")
+  q_groups = _as_ids("q_groups", q_groups, num_q, "distmat.shape[0]")
+  g_groups = _as_ids("g_groups", g_groups, num_g, "distmat.shape[1]")
+  if k < 1:
+    raise ValueError(f"k must be positive, got {k}")
+  width = min(k, num_g)
+  out = np.full((num_q, width), -1, np.int64)
+  for i in range(num_q):
+    order = np.argsort(distmat[i], kind="stable")
+    removed = (g_pids[order] == q_pids[i]) & (g_groups[order] == q_groups[i])
+    kept = order[~removed][:width]
+    out[i, :kept.size] = kept
+  return out
+
+
 def rank_report(query: dict, gallery: dict, max_rank: int = 50,
                 use_scenes: bool = False, rerank: bool = False) -> dict:
   """Ranks the gallery for every query: overall, flare and clean queries.
@@ -519,13 +577,7 @@ def rank_report(query: dict, gallery: dict, max_rank: int = 50,
     "flare" / "clean" dicts with the same metrics over the queries whose
     RGB or NI pseudo-label is 1 / whose both are 0.
   """
-  distmat = pairwise_distance(query["embedding"], gallery["embedding"])
-  if rerank:
-    from facenet_jax import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
-    distmat = rerank_lib.k_reciprocal_rerank(
-        distmat,
-        pairwise_distance(query["embedding"], query["embedding"]),
-        pairwise_distance(gallery["embedding"], gallery["embedding"]))
+  distmat = distance_matrix(query, gallery, rerank)
   everyone = np.ones(len(query["pid"]), bool)
   flared = np.any(np.asarray(query["flare"]) > 0.5, axis=-1)
   results = _subset_metrics(distmat, query, gallery, everyone, max_rank,

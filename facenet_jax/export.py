@@ -87,18 +87,6 @@ def check_installed(fmt: str) -> None:
       _require(module, "--format onnx")
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Steps of the checkpoints in WORKDIR/checkpoints, oldest first.
-
-  Reads the directory only (an Orbax manager would create it when missing),
-  and skips the temporary directories of an unfinished save.
-  """
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-
-
 # --- The exported function ----------------------------------------------------
 
 
@@ -441,16 +429,5 @@ def load_embedder(workdir: str,
   Raises:
     FileNotFoundError: WORKDIR/config.json missing, or no (such) checkpoint.
   """
-  config_file = os.path.join(workdir, checkpointing.CONFIG_FILE)
-  if not os.path.exists(config_file):
-    raise FileNotFoundError(f"--workdir {workdir}: {config_file} not found "
-                            "(not a run directory of scripts/main.py)")
-  steps = checkpoint_steps(workdir)
-  if not steps:
-    raise FileNotFoundError(
-        f"--workdir {workdir}: no checkpoint in "
-        f"{os.path.join(workdir, 'checkpoints')} (train the run first)")
-  if step is not None and step not in steps:
-    raise FileNotFoundError(f"--step {step}: no such checkpoint in {workdir}; "
-                            f"available steps: {steps}")
+  checkpointing.check_run_dir(workdir, step)
   return inference.Embedder.from_workdir(workdir, step)

@@ -189,19 +189,37 @@ def predict_masks(model, variables, images: Mapping[str, np.ndarray],
   return {m: np.concatenate(v) for m, v in out.items()}
 
 
-def _tile(image: np.ndarray, height: int, width: int) -> Image.Image:
-  """uint8 (h, w[, 3]) or float (h, w) in [0, 1] -> RGB tile, nearest."""
+def tile(image: np.ndarray, height: int, width: int,
+         resample: Image.Resampling = Image.Resampling.NEAREST) -> Image.Image:
+  """uint8 (h, w[, 3]) or float (h, w) in [0, 1] -> RGB tile of height x width.
+
+  Nearest by default, so that mask cells stay sharp; photographs shrink
+  better with Image.Resampling.BILINEAR.
+  """
   image = np.asarray(image)
   if image.dtype != np.uint8:
     image = np.round(255 * np.clip(image, 0, 1)).astype(np.uint8)
   if image.ndim == 2:
     image = np.repeat(image[..., None], 3, axis=-1)
-  return Image.fromarray(image).resize((width, height),
-                                       Image.Resampling.NEAREST)
+  return Image.fromarray(image).resize((width, height), resample)
+
+
+def to_png(image: Image.Image) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+# The figure's layout in pixels: column-title strip, gap between tiles, and
+# the strip under each tile that holds its caption.
+TITLE_HEIGHT = 14
+GAP = 4
+CAPTION_HEIGHT = 13
 
 
 def figure(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[str],
-           row_labels: Sequence[str], scale: int = 2) -> bytes:
+           row_labels: Sequence[str], scale: int = 2,
+           captions: Optional[Sequence[Sequence[str]]] = None) -> bytes:
   """A labelled grid of images as PNG bytes (like the paper's Figure 5).
 
   Args:
@@ -210,25 +228,31 @@ def figure(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[str],
     columns: column titles.
     row_labels: a label per row, drawn over its first tile.
     scale: tile size = scale x the first image's size.
+    captions: optional text under each tile, one per column of every row
+      ("" for none); each tile then has a CAPTION_HEIGHT strip below it.
   """
   if not rows or any(len(r) != len(columns) for r in rows):
     raise ValueError("every row needs one image per column")
+  if captions is not None and (len(captions) != len(rows) or any(
+      len(c) != len(columns) for c in captions)):
+    raise ValueError("captions needs one text per tile")
   height, width = (scale * s for s in np.asarray(rows[0][0]).shape[:2])
-  title, gap = 14, 4
-  canvas = Image.new("RGB", (len(columns) * (width + gap) + gap,
-                             title + len(rows) * (height + gap) + gap),
-                     (255, 255, 255))
+  below = CAPTION_HEIGHT if captions is not None else 0
+  canvas = Image.new("RGB", (len(columns) * (width + GAP) + GAP,
+                             TITLE_HEIGHT + len(rows) * (height + below + GAP)
+                             + GAP), (255, 255, 255))
   draw = ImageDraw.Draw(canvas)
   for j, name in enumerate(columns):
-    draw.text((gap + j * (width + gap), 1), name, fill=(0, 0, 0))
+    draw.text((GAP + j * (width + GAP), 1), name, fill=(0, 0, 0))
   for i, row in enumerate(rows):
-    y = title + gap + i * (height + gap)
+    y = TITLE_HEIGHT + GAP + i * (height + below + GAP)
     for j, image in enumerate(row):
-      canvas.paste(_tile(image, height, width), (gap + j * (width + gap), y))
-    draw.text((gap + 2, y + 2), row_labels[i], fill=(255, 255, 0))
-  buffer = io.BytesIO()
-  canvas.save(buffer, format="PNG")
-  return buffer.getvalue()
+      x = GAP + j * (width + GAP)
+      canvas.paste(tile(image, height, width), (x, y))
+      if captions is not None and captions[i][j]:
+        draw.text((x, y + height + 1), captions[i][j], fill=(0, 0, 0))
+    draw.text((GAP + 2, y + 2), row_labels[i], fill=(255, 255, 0))
+  return to_png(canvas)
 
 
 def score_run(config, workdir: str, data: Mapping[str, np.ndarray],

@@ -1029,7 +1029,8 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
             split: str, sharding: Sharding, zero_flare: bool = False,
             console: console_lib.Console = console_lib.SILENT,
             missing: Sequence[str] = (),
-            embed_fn: Optional[Callable] = None) -> dict:
+            embed_fn: Optional[Callable] = None,
+            data: Optional[pipeline.SplitData] = None) -> dict:
   """Embeddings and metadata of one split, every example exactly once.
 
   Args:
@@ -1045,6 +1046,8 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
       missing RGB or NI.
     embed_fn: embedding_function(config, model, sharding), to share one
       compilation between calls; built here when None.
+    data: split_data(config, split), for a caller that holds it already;
+      loaded here when None.
 
   Returns:
     "embedding" (N, 3D) and the EVAL_METADATA fields, in split order.
@@ -1052,7 +1055,8 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
     clean queries are the same whatever is fed; "flare_input" (N, 2) is what
     the model was fed.
   """
-  data = split_data(config, split)
+  if data is None:
+    data = split_data(config, split)
   mean, std = normalization(config)
   if embed_fn is None:
     embed_fn = embedding_function(config, model, sharding)

@@ -30,6 +30,7 @@ from absl import logging  # noqa: E402
 # The repository root, so that `configs` and the packages import from a clone.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from facenet_jax import checkpointing  # noqa: E402
 from facenet_jax import export  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to export.")
@@ -92,7 +93,7 @@ def main(argv):
     embedder = export.load_embedder(_WORKDIR.value, _STEP.value)
     step = _STEP.value
     if step is None:
-      step = export.checkpoint_steps(_WORKDIR.value)[-1]
+      step = checkpointing.checkpoint_steps(_WORKDIR.value)[-1]
     print(f"workdir   {_WORKDIR.value} (checkpoint step {step}, input "
           f"{tuple(embedder.config.input_size)})")
     start = time.perf_counter()

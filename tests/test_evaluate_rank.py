@@ -368,6 +368,51 @@ class EvaluateRankTest(parameterized.TestCase):
       evaluation.evaluate_rank(**kwargs)
 
 
+class RankedGalleryTest(parameterized.TestCase):
+  """ranked_gallery: the top of each ranking evaluate_rank scores."""
+
+  def test_hand_case_with_removal_and_padding(self):
+    # Query 0 (id 1, cam 0): gallery 2 (id 1, cam 0) is removed; 1 and 3 tie
+    # at 0.2 and keep index order. Query 1 (id 2) loses nothing.
+    distmat = np.array([[0.5, 0.2, 0.1, 0.2],
+                        [0.4, 0.3, 0.2, 0.1]])
+    g_pids, g_cams = np.array([1, 7, 1, 1]), np.array([1, 0, 0, 2])
+    top = evaluation.ranked_gallery(distmat, np.array([1, 2]), g_pids,
+                                    np.array([0, 1]), g_cams, k=3)
+    np.testing.assert_array_equal(top, [[1, 3, 0], [3, 2, 1]])
+    # All four entries of id 1 in camera 0: query 0 has 1 entry left.
+    top = evaluation.ranked_gallery(distmat[:1], np.array([1]), g_pids,
+                                    np.array([0]), np.zeros(4, int), k=10)
+    np.testing.assert_array_equal(top, [[1, -1, -1, -1]])
+
+  @parameterized.product(kind=["uniform32", "round1", "integers"],
+                         use_scenes=[False, True])
+  def test_first_entries_give_evaluate_rank_cmc(self, kind, use_scenes):
+    distmat, q_pids, g_pids, q_cams, g_cams, q_scenes, g_scenes = (
+        _random_problem(3, kind))
+    q_groups, g_groups = ((q_scenes, g_scenes) if use_scenes else
+                          (q_cams, g_cams))
+    top = evaluation.ranked_gallery(distmat, q_pids, g_pids, q_groups,
+                                    g_groups, k=5)
+    scenes = ({"q_sceneids": q_scenes, "g_sceneids": g_scenes}
+              if use_scenes else {})
+    cmc, _ = evaluation.evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams,
+                                      max_rank=5, **scenes)
+    # Only queries with a match left count in the CMC.
+    removed = ((q_pids[:, None] == g_pids[None]) &
+               (q_groups[:, None] == g_groups[None]))
+    valid = np.any((q_pids[:, None] == g_pids[None]) & ~removed, axis=1)
+    hits = g_pids[top[valid]] == q_pids[valid, None]
+    np.testing.assert_allclose(np.mean(np.cumsum(hits, axis=1) > 0, axis=0),
+                               cmc)
+    # No removed entry is listed.
+    self.assertFalse(np.any(np.take_along_axis(removed, top, axis=1)))
+
+  def test_bad_k(self):
+    with self.assertRaisesRegex(ValueError, "k must be positive"):
+      evaluation.ranked_gallery(np.zeros((1, 2)), [0], [0, 1], [0], [0, 1], 0)
+
+
 class PairwiseDistanceTest(parameterized.TestCase):
 
   # The distances are computed in float32: |q|^2 + |g|^2 - 2 q.g rounds with

@@ -1,11 +1,10 @@
 """scripts/export.py: the Embedder's network as ONNX and as a JAX export.
 
-The run is the tiny FACENet with seeded random weights and BatchNorm running
-statistics (so the eval-mode BatchNorm is no identity), saved through the
-Checkpointer with its config.json and run_info.json: what a trained workdir
-holds, without training. Each export is run (ONNX Runtime; the deserialised
-jax.export function) on `Embedder.inputs` of generated raw triplets, and
-compared with the JAX Embedder on the same raw images.
+The run is the tiny FACENet with seeded random weights
+(run_fixtures.make_run): what a trained workdir holds, without training.
+Each export is run (ONNX Runtime; the deserialised jax.export function) on
+`Embedder.inputs` of generated raw triplets, and compared with the JAX
+Embedder on the same raw images.
 """
 
 import importlib.util
@@ -23,58 +22,15 @@ from configs import tiny
 from facenet_jax import checkpointing
 from facenet_jax import export
 from facenet_jax import inference
-from facenet_jax import train
+import run_fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_CLASSES = 4
 BATCH = 5
 TOLERANCE = 1e-4
 # The ONNX tests need the export extra; the README's test command may not
 # install it.
 _HAS_EXTRA = all(importlib.util.find_spec(m) is not None
                  for m in ("jax2onnx", "onnx", "onnxruntime"))
-
-
-def _random_state(config, seed: int) -> train.TrainState:
-  """A host TrainState of seeded noise, from shapes only (no eager init).
-
-  Kernels ~ N(0, 1 / fan_in) keep activations of order one through the
-  network; BatchNorm variances in [1, 1.5], means, biases and mask
-  thresholds ~ N(0, 0.1).
-  """
-  _, optimizer, abstract = train.abstract_state(config, NUM_CLASSES,
-                                                steps_per_epoch=2)
-  rng = np.random.default_rng(seed)
-
-  def noise(path, leaf):
-    name = jax.tree_util.keystr(path, simple=True, separator="/")
-    if name.endswith("kernel"):
-      value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(leaf.shape[:-1])),
-                         leaf.shape)
-    elif name.endswith("var"):
-      value = rng.uniform(1.0, 1.5, leaf.shape)
-    elif name.endswith("scale"):
-      value = 1.0 + rng.normal(0.0, 0.1, leaf.shape)
-    else:
-      value = rng.normal(0.0, 0.1, leaf.shape)
-    return value.astype(leaf.dtype)
-
-  params = jax.tree_util.tree_map_with_path(noise, abstract.params)
-  return train.TrainState(
-      step=np.zeros((), np.int32), params=params,
-      batch_stats=jax.tree_util.tree_map_with_path(noise,
-                                                   abstract.batch_stats),
-      opt_state=optimizer.init(params))
-
-
-def _make_run(workdir: str, config, step: int = 2) -> None:
-  """A workdir as scripts/main.py leaves it: config, run info, checkpoint."""
-  checkpointing.check_config(workdir, config, has_state=False)
-  checkpointing.write_run_info(workdir, num_classes=NUM_CLASSES,
-                               steps_per_epoch=2)
-  ckpt = checkpointing.Checkpointer(workdir)
-  ckpt.save(step, _random_state(config, seed=step))
-  ckpt.close()
 
 
 # The module's run: root (temp dir), workdir, embedder, raw (rgb, ni, ti).
@@ -84,7 +40,7 @@ _RUN = {}
 def setUpModule():
   _RUN["root"] = tempfile.mkdtemp(prefix="export_")
   _RUN["workdir"] = os.path.join(_RUN["root"], "run")
-  _make_run(_RUN["workdir"], tiny.get_config())
+  run_fixtures.make_run(_RUN["workdir"], tiny.get_config())
   _RUN["embedder"] = export.load_embedder(_RUN["workdir"])
   _RUN["raw"] = export.check_triplets(_RUN["embedder"].config.input_size,
                                       BATCH, seed=1)

@@ -81,6 +81,23 @@ class FigureTest(absltest.TestCase):
     self.assertTrue(np.all(tile[:8] == 255))
     self.assertTrue(np.all(tile[8:] == 0))
 
+  def test_captions_strip_under_each_tile(self):
+    image = np.full((8, 4, 3), 200, np.uint8)
+    plain = np.asarray(Image.open(io.BytesIO(mask_quality.figure(
+        [[image, image]], ["a", "b"], [""], scale=1))))
+    png = mask_quality.figure([[image, image]], ["a", "b"], [""], scale=1,
+                              captions=[["", "xx"]])
+    grid = np.asarray(Image.open(io.BytesIO(png)))
+    self.assertEqual(grid.shape[0],
+                     plain.shape[0] + mask_quality.CAPTION_HEIGHT)
+    strip = grid[14 + 4 + 8:14 + 4 + 8 + mask_quality.CAPTION_HEIGHT]
+    # Text under the second tile only.
+    self.assertTrue(np.all(strip[:, :4 + 4] == 255))
+    self.assertTrue(np.any(strip[:, 4 + 4 + 4:] < 128))
+    with self.assertRaisesRegex(ValueError, "one text per tile"):
+      mask_quality.figure([[image, image]], ["a", "b"], ["r"],
+                          captions=[["x"]])
+
   def test_ragged_rows_refused(self):
     with self.assertRaisesRegex(ValueError, "one image per column"):
       mask_quality.figure([[np.zeros((4, 4, 3), np.uint8)]], ["a", "b"], ["r"])

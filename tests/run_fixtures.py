@@ -1,0 +1,59 @@
+"""A workdir as scripts/main.py leaves it, without training.
+
+The run is a FACENet of the given config with seeded random weights and
+BatchNorm running statistics (so the eval-mode BatchNorm is no identity),
+saved through the Checkpointer with its config.json and run_info.json: what a
+trained workdir holds, for tests of what reads one (export, pictures).
+"""
+
+import jax
+import numpy as np
+
+from facenet_jax import checkpointing
+from facenet_jax import train
+
+NUM_CLASSES = 4
+
+
+def random_state(config, seed: int,
+                 num_classes: int = NUM_CLASSES) -> train.TrainState:
+  """A host TrainState of seeded noise, from shapes only (no eager init).
+
+  Kernels ~ N(0, 1 / fan_in) keep activations of order one through the
+  network; BatchNorm variances in [1, 1.5], means, biases and mask
+  thresholds ~ N(0, 0.1).
+  """
+  _, optimizer, abstract = train.abstract_state(config, num_classes,
+                                                steps_per_epoch=2)
+  rng = np.random.default_rng(seed)
+
+  def noise(path, leaf):
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    if name.endswith("kernel"):
+      value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(leaf.shape[:-1])),
+                         leaf.shape)
+    elif name.endswith("var"):
+      value = rng.uniform(1.0, 1.5, leaf.shape)
+    elif name.endswith("scale"):
+      value = 1.0 + rng.normal(0.0, 0.1, leaf.shape)
+    else:
+      value = rng.normal(0.0, 0.1, leaf.shape)
+    return value.astype(leaf.dtype)
+
+  params = jax.tree_util.tree_map_with_path(noise, abstract.params)
+  return train.TrainState(
+      step=np.zeros((), np.int32), params=params,
+      batch_stats=jax.tree_util.tree_map_with_path(noise,
+                                                   abstract.batch_stats),
+      opt_state=optimizer.init(params))
+
+
+def make_run(workdir: str, config, step: int = 2,
+             num_classes: int = NUM_CLASSES) -> None:
+  """A workdir as scripts/main.py leaves it: config, run info, checkpoint."""
+  checkpointing.check_config(workdir, config, has_state=False)
+  checkpointing.write_run_info(workdir, num_classes=num_classes,
+                               steps_per_epoch=2)
+  ckpt = checkpointing.Checkpointer(workdir)
+  ckpt.save(step, random_state(config, seed=step, num_classes=num_classes))
+  ckpt.close()
