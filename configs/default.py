@@ -137,6 +137,9 @@ def get_config() -> ml_collections.ConfigDict:
   # paper) or "none" (beyond the paper: the masked positions are left out
   # of the stream's pooling; needs plug_stage 4).
   config.model.fce_fill = "ti"
+  # Beyond the paper (paper: True): False pastes a stop-gradient f_T, so the
+  # RGB and NI losses do not train the TI stream through FCE.
+  config.model.fce_guide_gradient = True
   # Beyond the paper (paper: True): FCE's straight-through gradient from the
   # identity losses does not reach the mask; only the flare losses train it.
   config.model.fce_mask_gradient = False

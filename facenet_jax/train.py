@@ -87,7 +87,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FACENet:
       mask_detach=m.mask_detach, mask_stage=m.mask_stage,
       fce_projection=m.fce_projection,
       fce_clean=m.fce_clean, fce_inference_mask=m.fce_inference_mask,
-      fce_fill=m.fce_fill,
+      fce_fill=m.fce_fill, fce_guide_gradient=m.fce_guide_gradient,
       fce_mask_gradient=m.fce_mask_gradient,
       embedding_source=m.embedding, dtype=DTYPES[m.dtype])
 

@@ -426,6 +426,21 @@ class FCEOptionsTest(absltest.TestCase):
     # The target is fixed.
     self.assertEqual(_abs_sum(grads["rgb_backbone"]), 0.0)
 
+  def test_guide_gradient_switch_keeps_rgb_losses_out_of_the_ti_stream(self):
+    images = _images(jax.random.key(13), 4)
+    flare = jnp.ones((4, 2))
+    # The RGB features of flare samples, which FCE filled with f_T where the
+    # mask is on (about half of a random model's map).
+    objective = lambda out: jnp.sum(out.features["rgb"] ** 2)
+    grads = {}
+    for switch in (True, False):
+      model, variables = _tiny_variables(fce_projection=True,
+                                         fce_guide_gradient=switch)
+      grads[switch] = _train_grads(model, variables, images, flare, objective)
+    self.assertGreater(_abs_sum(grads[True]["ti_backbone"]), 0.0)
+    self.assertEqual(_abs_sum(grads[False]["ti_backbone"]), 0.0)
+    self.assertGreater(_abs_sum(grads[False]["rgb_fce_projection"]), 0.0)
+
   def test_mask_gradient_switch_stops_identity_gradient_at_the_mask(self):
     images = _images(jax.random.key(12), 4)
     flare = jnp.ones((4, 2))

@@ -360,6 +360,10 @@ class FACENet(nn.Module):
       positions are left out of the stream's global pooling, so the feature
       is the mean of the unmasked positions; beyond the paper, needs
       plug_stage 4, where pooling follows FCE directly).
+    fce_guide_gradient: the identity losses of the RGB and NI streams
+      reach the TI stream through the pasted f_T (the paper). False pastes
+      a stop-gradient f_T, so the TI stream is trained by its own losses only
+      (the projection still learns; beyond the paper).
     fce_mask_gradient: the identity losses reach the mask through FCE's
       straight-through gradient (the paper's reading). False stops it, so
       that only the flare losses shape the mask (beyond the paper): the
@@ -388,6 +392,7 @@ class FACENet(nn.Module):
   fce_clean: str = "enhanced"
   fce_inference_mask: str = "hard"
   fce_fill: str = "ti"
+  fce_guide_gradient: bool = True
   fce_mask_gradient: bool = True
   embedding_source: str = "before_bn"
   dtype: Dtype = jnp.float32
@@ -492,6 +497,8 @@ class FACENet(nn.Module):
           pool_weights[m] = 1 - paste * gate.astype(paste.dtype)
           continue
         guide = maps[GUIDE_MODALITY]
+        if not self.fce_guide_gradient:
+          guide = jax.lax.stop_gradient(guide)
         # What the consistency loss reads: the same projection of a
         # stop-gradient f_T, so that the loss trains the projection and
         # leaves the TI stream to the identity losses (pulling f_T itself
