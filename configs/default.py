@@ -78,12 +78,27 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Model ------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()
+  # Stream backbone (facenet_jax/models/backbones.py): resnet18 | resnet34 |
+  # resnet50 (paper) | resnet101 | vit_s16 | vit_b16 (official code) |
+  # transreid_b16 (ViT-B/16, overlapping patches, stride 12) | vit_micro8
+  # (a 64-wide 4-block ViT with 8x8 patches, for tests and CPU studies).
   config.model.backbone = "resnet50"
+  # ResNets only: stage widths and the stride of stage 4.
   config.model.width_multiplier = 1.0
   config.model.last_stride = 1
+  # ViTs only: stochastic depth of the last block, linear over the blocks
+  # (official ViT recipe: 0.1).
+  config.model.drop_path = 0.0
+  # ViTs only: TransReID's side information, a learned embedding per camera
+  # of the training split added to every token, weighted by the scale
+  # (TransReID: 3.0). Off in the official FACENet code. Needs camera ids, so
+  # the inference Embedder and exported models cannot run such a model.
+  config.model.camera_embedding = False
+  config.model.camera_embedding_scale = 3.0
   # Compute dtype (float32 | bfloat16); parameters stay float32.
   config.model.dtype = "float32"
-  # Path to an ImageNet ResNet state dict (.safetensors/.npz/.pth); "" = random.
+  # Path to ImageNet weights of the backbone, "" = random: a torchvision/timm
+  # ResNet or timm ViT state dict (.safetensors/.pth), or a JAX ViT .npz.
   config.model.pretrained = ""
   # Warm start from another run: "WORKDIR" (its latest checkpoint) or
   # "WORKDIR:STEP". Every params/batch_stats leaf whose name and shape match
@@ -95,8 +110,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.use_mfmp = True
   config.model.use_fmi = True
   config.model.use_fce = True
-  # ResNet stage (1-4) after which MFMP/FCE are plugged in.
-  config.model.plug_stage = 4
+  # Stage (ResNet, 1-4) or block (ViT, 1..depth) after which MFMP/FCE are
+  # plugged in; 0 = the backbone's default: ResNet stage 4 (the paper), ViT
+  # before the last block (the official code).
+  config.model.plug_stage = 0
   # Inner width of the FMI convolutions; 0 = full width C (paper-faithful).
   config.model.fmi_width = 0
   # Reduction of the FMI channel attention.
@@ -169,6 +186,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Optimisation -----------------------------------------------------------
   config.optimizer = ml_collections.ConfigDict()
+  # adam (paper) | sgd (with momentum; the official ViT recipe).
+  config.optimizer.name = "adam"
+  config.optimizer.momentum = 0.9
   config.optimizer.learning_rate = 3.5e-4
   config.optimizer.weight_decay = 5e-4
   # piecewise (paper: x0.1 at epochs 40 and 70) | cosine (with warmup).
@@ -176,6 +196,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.decay_epochs = (40, 70)
   config.optimizer.decay_factor = 0.1
   config.optimizer.warmup_epochs = 0
+  # The warmup starts at warmup_factor x learning_rate; the cosine ends at
+  # min_lr_factor x learning_rate.
+  config.optimizer.warmup_factor = 0.0
+  config.optimizer.min_lr_factor = 0.0
   config.num_epochs = 120
   # > 0 overrides num_epochs.
   config.num_train_steps = -1

@@ -26,6 +26,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from facenet_jax.models import backbones
+
 CONFIG_FILE = "config.json"
 RUN_INFO_FILE = "run_info.json"
 # The evaluation of the final state (split_file gives the val split's name).
@@ -57,7 +59,12 @@ ADDED_FIELDS = {"preprocess": {"clahe": False, "clahe_clip_limit": 0.01},
                           "fce_clean": "enhanced",
                           "fce_inference_mask": "hard", "fce_fill": "ti",
                           "fce_guide_gradient": True,
-                          "fce_mask_gradient": True},
+                          "fce_mask_gradient": True,
+                          # Before the ViT streams (ResNets ignore these).
+                          "drop_path": 0.0, "camera_embedding": False,
+                          "camera_embedding_scale": 3.0},
+                "optimizer": {"name": "adam", "momentum": 0.9,
+                              "warmup_factor": 0.0, "min_lr_factor": 0.0},
                 "loss": {"flare_pixel_weight": 0.0,
                          "fce_consistency_weight": 0.0},
                 "input": {"cache": "auto", "cache_max_gb": 4.0,
@@ -142,7 +149,8 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
   with open(path) as f:
     saved = _with_added_fields(json.load(f))
   ignored = tuple(ignore)
-  saved_flat, current_flat = flatten_config(saved), flatten_config(current)
+  saved_flat = _spelled_out(flatten_config(saved))
+  current_flat = _spelled_out(flatten_config(current))
   diffs = []
   for key in sorted(set(saved_flat) | set(current_flat)):
     if key in ignored or key.split(".")[0] in ignored:
@@ -155,6 +163,21 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
         f"The config differs from the one the run in {workdir} was started "
         "with (" + path + "):\n" + "\n".join(diffs) +
         "\nUse a new --workdir, or the saved values.")
+
+
+def _spelled_out(flat: dict) -> dict:
+  """Config values that name a default replaced by what they resolve to.
+
+  model.plug_stage = 0 is the backbone's default stage (ResNet: 4), so a run
+  saved with 4, from before the default was spelled 0, matches.
+  """
+  if flat.get("model.plug_stage") == 0:
+    try:
+      stage = backbones.resolve_plug_stage(flat.get("model.backbone"), 0)
+    except ValueError:
+      return flat
+    flat = {**flat, "model.plug_stage": stage}
+  return flat
 
 
 def write_run_info(workdir: str, **info: Any) -> None:

@@ -30,8 +30,10 @@ from input_pipeline import pipeline
 
 # Overrides (dotted config path -> value) of each variant.
 _NO_MODALITY = {"loss.modality": "none"}
+# plug_stage 0: the backbone's default (ResNet stage 4, the paper's; a ViT's
+# last-but-one block), so that the study runs on either family.
 _MFMP_FCE = {"model.use_mfmp": True, "model.use_fmi": True,
-             "model.use_fce": True, "model.plug_stage": 4, **_NO_MODALITY}
+             "model.use_fce": True, "model.plug_stage": 0, **_NO_MODALITY}
 VARIANTS: dict[str, dict] = {
     "baseline": {"model.use_mfmp": False, "model.use_fce": False,
                  **_NO_MODALITY},

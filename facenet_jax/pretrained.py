@@ -1,4 +1,10 @@
-"""ImageNet ResNet weights from torchvision or timm files, without PyTorch.
+"""ImageNet ResNet and ViT weights from torchvision, timm or JAX files.
+
+`load_backbone_variables(path, model.backbone, input_size)` picks the loader
+of the backbone's family; the ResNet one is described first, the ViT one
+(`load_vit_variables`) after it.
+
+ResNets.
 
 torchvision's `resnet{18,34,50,101}` and timm's plain ResNets of the same
 depths (`resnet50.a1_in1k`, `resnet50.tv_in1k`, ...) share one state-dict
@@ -20,6 +26,18 @@ Files: `.safetensors` and `.npz` are read with NumPy only; a PyTorch
 `torch.load(..., weights_only=True)`, which refuses pickled objects other than
 tensors and plain containers. `scripts/convert_weights.py` turns a `.pth` into
 a `.safetensors` or `.npz` file for machines without PyTorch.
+
+ViTs. timm's `VisionTransformer` state dicts (`model.safetensors` of
+`vit_base_patch16_224.augreg2_in21k_ft_in1k` and friends, or the `.pth` the
+official code uses, `jx_vit_base_p16_224-80ecf9dd.pth`) map onto
+`facenet_jax/models/vit.py` by `timm_vit_name_map`: Linear weights are
+transposed to Dense kernels, the patch convolution goes OIHW -> HWIO, the
+classifier `head.*` is dropped. The original JAX ViT's `.npz` files (big_vision
+and google-research/vision_transformer) are first renamed to timm's names
+(`timm_state_dict_from_google`). Position embeddings trained on another grid
+(14 x 14 at 224 x 224) are resampled bilinearly to the input's token grid
+(16 x 8 at 256 x 128), as the official code does, and the resampling is
+logged. `vit_tokens` runs a file's ViT on images, for checks and features.
 """
 
 import functools
@@ -35,7 +53,9 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from facenet_jax.models import backbones
 from facenet_jax.models import resnet
+from facenet_jax.models import vit
 
 # (collection, path in it), e.g. ("params", ("conv1", "kernel")).
 Target = tuple[str, tuple[str, ...]]
@@ -440,3 +460,396 @@ def resnet_features(path: str | os.PathLike[str], images: np.ndarray,
   model = resnet.ResNet(depth=depth, last_stride=last_stride)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   return np.asarray(apply(variables, images), np.float32)
+
+
+# --- Every backbone -----------------------------------------------------------
+
+# Stream variables that no ImageNet file holds (TransReID's camera
+# embedding): a loaded stream keeps its own initialisation of them.
+NOT_IN_CHECKPOINTS = ("sie_embed",)
+
+
+def load_backbone_variables(path: str | os.PathLike[str], backbone: str,
+                            input_size: tuple[int, int] = (256, 128)
+                            ) -> Variables:
+  """One stream's variables for `backbone` (model.backbone) from `path`.
+
+  Args:
+    path: a ResNet (`load_resnet_variables`) or ViT (`load_vit_variables`)
+      weights file.
+    backbone: a registry name (facenet_jax/models/backbones.py).
+    input_size: the network input (H, W): a ViT's position embeddings are
+      resampled to its token grid. ResNets ignore it.
+
+  Returns:
+    `{"params": ...}` (and `"batch_stats"` for a ResNet) of one stream,
+    without the variables of NOT_IN_CHECKPOINTS.
+  """
+  entry = backbones.info(backbone)
+  return _LOADERS[entry.family](path, entry, tuple(input_size))
+
+
+# --- ViT ----------------------------------------------------------------------
+
+# timm state-dict entries with no counterpart in a stream: the classifier
+# (and the pre-logits layer of older ImageNet-21k checkpoints).
+_VIT_IGNORED_PREFIXES = ("head.", "pre_logits.")
+# timm Linear layers of one block, as (timm name, our module path).
+_VIT_BLOCK_DENSE = (("attn.qkv", ("attn", "qkv")),
+                    ("attn.proj", ("attn", "proj")),
+                    ("mlp.fc1", ("mlp", "fc1")), ("mlp.fc2", ("mlp", "fc2")))
+_VIT_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+# Prefixes of the original JAX ViT's npz files: none (google-research/
+# vision_transformer), "params/" (big_vision), "opt/target/" (old Flax
+# optimizer checkpoints).
+_GOOGLE_PREFIXES = ("", "params/", "opt/target/")
+_GOOGLE_IGNORED = ("head/", "pre_logits/")
+
+
+def timm_vit_name_map(depth: int) -> dict[str, tuple[str, ...]]:
+  """The table from timm ViT state-dict names to our `vit.ViT` params.
+
+  Args:
+    depth: number of blocks.
+
+  Returns:
+    An ordered dict `timm name -> path in params`, e.g.
+    `"blocks.3.attn.qkv.weight" -> ("blocks_3", "attn", "qkv", "kernel")`.
+    It covers every parameter of a ViT without camera embedding once.
+  """
+  table = {"cls_token": ("cls_token",), "pos_embed": ("pos_embed",),
+           "patch_embed.proj.weight": ("patch_embed", "kernel"),
+           "patch_embed.proj.bias": ("patch_embed", "bias")}
+  for i in range(depth):
+    torch_block, ours = f"blocks.{i}", (f"blocks_{i}",)
+    for norm in ("norm1", "norm2"):
+      table[f"{torch_block}.{norm}.weight"] = ours + (norm, "scale")
+      table[f"{torch_block}.{norm}.bias"] = ours + (norm, "bias")
+    for torch_name, path in _VIT_BLOCK_DENSE:
+      table[f"{torch_block}.{torch_name}.weight"] = ours + path + ("kernel",)
+      table[f"{torch_block}.{torch_name}.bias"] = ours + path + ("bias",)
+  table["norm.weight"] = ("norm", "scale")
+  table["norm.bias"] = ("norm", "bias")
+  return table
+
+
+@functools.lru_cache(maxsize=None)
+def _expected_vit_shapes(spec: backbones.ViTSpec) -> tuple[
+    tuple[str, tuple[int, ...]], ...]:
+  """Torch-layout shapes of every mapped name but pos_embed, from our tree."""
+  size = (spec.patch, spec.patch)
+  abstract = jax.eval_shape(lambda: vit.ViT(
+      spec.width, spec.depth, spec.heads, spec.patch, spec.stride, size,
+      spec.mlp_ratio).init(jax.random.key(0),
+                           jnp.zeros((1,) + size + (3,), jnp.float32)))
+  flat = flax.traverse_util.flatten_dict(abstract["params"])
+  out = []
+  for name, path in timm_vit_name_map(spec.depth).items():
+    if name == "pos_embed":  # Its grid is the checkpoint's; checked apart.
+      continue
+    shape = tuple(int(s) for s in flat[path].shape)
+    if name.endswith(".weight") and len(shape) == 2:
+      shape = shape[::-1]  # Dense kernels are (in, out); Linear (out, in).
+    out.append((name, _to_torch_shape(shape)))
+  return tuple(out)
+
+
+def _vit_to_ours(name: str, array: np.ndarray) -> np.ndarray:
+  """A timm-layout array in ours: Linear transposed, OIHW -> HWIO."""
+  array = np.asarray(array, np.float32)
+  if name.endswith(".weight") and array.ndim == 2:
+    array = array.T
+  elif array.ndim == 4:
+    array = np.transpose(array, (2, 3, 1, 0))
+  return np.ascontiguousarray(array)
+
+
+def is_google_vit(state_dict: Mapping[str, Any]) -> bool:
+  """Whether the names are the original JAX ViT's (an npz of big_vision or
+  google-research/vision_transformer) rather than timm's."""
+  return any(f"{p}embedding/kernel" in state_dict for p in _GOOGLE_PREFIXES)
+
+
+def timm_state_dict_from_google(npz: Mapping[str, np.ndarray],
+                                source: str = "npz") -> dict[str, np.ndarray]:
+  """The original JAX ViT's parameters under timm's names and layouts.
+
+  Two layouts are read: google-research/vision_transformer (`cls`,
+  `embedding`, `Transformer/posembed_input/pos_embedding` with the CLS
+  position, blocks `Transformer/encoderblock_<i>/{LayerNorm_0,
+  MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3}`,
+  `Transformer/encoder_norm`) and big_vision (the same with `params/` before
+  the names, a top-level `pos_embedding` without the CLS position, blocks
+  `{LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0}`,
+  one per block or stacked along a leading axis in
+  `Transformer/encoderblock/` when trained with scan). Attention kernels are
+  (D, heads, head width) per query/key/value and are fused into timm's qkv.
+
+  Args:
+    npz: name -> array as stored in the file.
+    source: what to call it in errors.
+
+  Returns:
+    timm name -> array (torch layout), ready for vit_variables_from_state_dict.
+    big_vision's CLS token, which gets no position embedding, gets a zero one.
+
+  Raises:
+    StateDictMismatchError: names missing or left over (in the file's names).
+  """
+  prefix = next((p for p in _GOOGLE_PREFIXES if f"{p}embedding/kernel" in npz),
+                None)
+  if prefix is None:
+    raise ValueError(f"{source}: not a JAX ViT (no embedding/kernel)")
+  used = set()
+
+  def take(name: str) -> np.ndarray:
+    key = prefix + name
+    if key not in npz:
+      missing.append(key)
+      return None
+    used.add(key)
+    return np.asarray(npz[key], np.float32)
+
+  missing: list[str] = []
+  big_vision = f"{prefix}pos_embedding" in npz
+  stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in npz
+  mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
+  if stacked:
+    depth = npz[f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"].shape[0]
+  else:
+    depth = len({int(m.group(1)) for m in (
+        re.match(rf"^{re.escape(prefix)}Transformer/encoderblock_(\d+)/", k)
+        for k in npz) if m})
+  out = {}
+  kernel = take("embedding/kernel")
+  if kernel is not None:
+    out["patch_embed.proj.weight"] = np.transpose(kernel, (3, 2, 0, 1))
+  out["patch_embed.proj.bias"] = take("embedding/bias")
+  out["cls_token"] = take("cls")
+  pos = take("pos_embedding" if big_vision
+             else "Transformer/posembed_input/pos_embedding")
+  if pos is not None and big_vision:
+    pos = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
+  out["pos_embed"] = pos
+  for i in range(depth):
+    block = ("Transformer/encoderblock/" if stacked
+             else f"Transformer/encoderblock_{i}/")
+
+    def leaf(name: str, block=block, i=i) -> np.ndarray:
+      value = take(block + name)
+      return value[i] if stacked and value is not None else value
+
+    ours = f"blocks.{i}."
+    out[ours + "norm1.weight"] = leaf("LayerNorm_0/scale")
+    out[ours + "norm1.bias"] = leaf("LayerNorm_0/bias")
+    out[ours + "norm2.weight"] = leaf(f"LayerNorm_{ln2}/scale")
+    out[ours + "norm2.bias"] = leaf(f"LayerNorm_{ln2}/bias")
+    attention = f"MultiHeadDotProductAttention_{mha}/"
+    kernels = [leaf(f"{attention}{n}/kernel") for n in ("query", "key",
+                                                        "value")]
+    biases = [leaf(f"{attention}{n}/bias") for n in ("query", "key", "value")]
+    if all(k is not None for k in kernels):
+      # (D, heads, head width) -> Linear weight (heads * head width, D).
+      out[ours + "attn.qkv.weight"] = np.concatenate(
+          [k.reshape(k.shape[0], -1).T for k in kernels])
+    if all(b is not None for b in biases):
+      out[ours + "attn.qkv.bias"] = np.concatenate([b.reshape(-1)
+                                                    for b in biases])
+    proj = leaf(f"{attention}out/kernel")
+    if proj is not None:  # (heads, head width, D) -> (D, D) out x in.
+      out[ours + "attn.proj.weight"] = proj.reshape(-1, proj.shape[-1]).T
+    out[ours + "attn.proj.bias"] = leaf(f"{attention}out/bias")
+    for r in (0, 1):
+      dense = leaf(f"MlpBlock_{mlp}/Dense_{r}/kernel")
+      if dense is not None:
+        out[ours + f"mlp.fc{r + 1}.weight"] = dense.T
+      out[ours + f"mlp.fc{r + 1}.bias"] = leaf(f"MlpBlock_{mlp}/Dense_{r}/bias")
+  out["norm.weight"] = take("Transformer/encoder_norm/scale")
+  out["norm.bias"] = take("Transformer/encoder_norm/bias")
+  unexpected = sorted(k for k in npz if k not in used and not any(
+      k.startswith(prefix + p) for p in _GOOGLE_IGNORED))
+  if missing or unexpected:
+    raise StateDictMismatchError(source, sorted(set(missing)), unexpected, [])
+  return {name: value for name, value in out.items() if value is not None}
+
+
+def _bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
+  """(size_out, size_in) weights of 1-D linear interpolation, half-pixel
+  centres (torch's bilinear with align_corners=False, no antialiasing)."""
+  scale = size_in / size_out
+  source = np.maximum((np.arange(size_out) + 0.5) * scale - 0.5, 0.0)
+  low = np.minimum(np.floor(source).astype(int), size_in - 1)
+  high = np.minimum(low + 1, size_in - 1)
+  frac = source - low
+  weights = np.zeros((size_out, size_in))
+  np.add.at(weights, (np.arange(size_out), low), 1.0 - frac)
+  np.add.at(weights, (np.arange(size_out), high), frac)
+  return weights
+
+
+def resample_position_grid(grid: np.ndarray,
+                           size: tuple[int, int]) -> np.ndarray:
+  """Bilinear resampling of an (h, w, D) grid of position embeddings.
+
+  What TransReID and the official FACENet code do when they load ImageNet
+  ViT weights (torch's `F.interpolate(mode="bilinear")`, align_corners
+  False, no antialiasing); timm's own default is bicubic.
+
+  Args:
+    grid: (h, w, D) embeddings.
+    size: (h', w') target grid.
+
+  Returns:
+    (h', w', D) float32.
+  """
+  grid = np.asarray(grid, np.float64)
+  rows = _bilinear_matrix(grid.shape[0], size[0])
+  cols = _bilinear_matrix(grid.shape[1], size[1])
+  return np.einsum("ah,bw,hwd->abd", rows, cols, grid).astype(np.float32)
+
+
+def _source_grid(num_patches: int, target: tuple[int, int],
+                 source: str) -> tuple[int, int]:
+  """The grid a checkpoint's position embeddings were trained on.
+
+  Square when the count is a square (ImageNet checkpoints: 14 x 14 at 224),
+  else the target grid when the counts agree (a checkpoint of this very
+  model); anything else cannot be told from the count alone.
+  """
+  side = int(round(num_patches ** 0.5))
+  if side * side == num_patches:
+    return side, side
+  if num_patches == target[0] * target[1]:
+    return target
+  raise ValueError(f"{source}: pos_embed holds {num_patches} patch positions,"
+                   " neither a square grid nor the model's "
+                   f"{target[0]}x{target[1]}")
+
+
+def vit_variables_from_state_dict(
+    state_dict: Mapping[str, np.ndarray], backbone: str,
+    input_size: tuple[int, int], source: str = "state dict") -> Variables:
+  """Maps a timm (or JAX ViT) state dict onto one ViT stream's params.
+
+  Args:
+    state_dict: name -> array, timm's names and layouts, or the original
+      JAX ViT's (`timm_state_dict_from_google` converts those first).
+    backbone: a ViT registry name, e.g. "vit_b16".
+    input_size: the network input (H, W); the position embeddings are
+      resampled bilinearly from the checkpoint's grid to its token grid
+      (logged), unless the two agree.
+    source: what to call the state dict in errors.
+
+  Returns:
+    `{"params": ...}` with the structure and shapes of the stream
+    (`vit.ViT`), without a camera embedding.
+
+  Raises:
+    ValueError: the state dict is a ViT of another width or depth.
+    StateDictMismatchError: missing keys, unexpected keys or wrong shapes.
+  """
+  entry = backbones.info(backbone)
+  if entry.family != "vit":
+    raise ValueError(f"{backbone} is not a ViT backbone")
+  spec = entry.spec
+  if is_google_vit(state_dict):
+    state_dict = timm_state_dict_from_google(state_dict, source)
+  blocks = {int(m.group(1)) for m in map(_VIT_BLOCK_KEY.match, state_dict)
+            if m}
+  cls = state_dict.get("cls_token")
+  width = int(np.shape(cls)[-1]) if cls is not None else None
+  if width not in (None, spec.width) or (blocks and len(blocks) != spec.depth):
+    raise ValueError(f"{source} holds a ViT of width {width} with "
+                     f"{len(blocks)} blocks, but model.backbone={backbone} "
+                     f"has width {spec.width} and {spec.depth} blocks")
+  table = timm_vit_name_map(spec.depth)
+  shapes = dict(_expected_vit_shapes(spec))
+  missing = [name for name in table if name not in state_dict]
+  unexpected = sorted(name for name in state_dict if name not in table and
+                      not name.startswith(_VIT_IGNORED_PREFIXES))
+  mismatched = [(name, shapes[name], tuple(np.shape(state_dict[name])))
+                for name in table
+                if name in state_dict and name in shapes
+                and tuple(np.shape(state_dict[name])) != shapes[name]]
+  pos = state_dict.get("pos_embed")
+  if pos is not None and (np.ndim(pos) != 3 or np.shape(pos)[0] != 1 or
+                          np.shape(pos)[2] != spec.width or
+                          np.shape(pos)[1] < 2):
+    mismatched.append(("pos_embed", (1, "1 + patches", spec.width),
+                       tuple(np.shape(pos))))
+  if missing or unexpected or mismatched:
+    raise StateDictMismatchError(source, missing, unexpected, mismatched)
+  flat = {path: _vit_to_ours(name, state_dict[name])
+          for name, path in table.items()}
+  target = vit.grid_size(tuple(input_size), spec.patch, spec.stride)
+  pos = flat[("pos_embed",)]
+  found = _source_grid(pos.shape[1] - 1, target, source)
+  if found != target:
+    grid = pos[0, 1:].reshape(found + (spec.width,))
+    grid = resample_position_grid(grid, target).reshape(1, -1, spec.width)
+    flat[("pos_embed",)] = np.concatenate([pos[:, :1], grid], axis=1)
+    logging.info("%s: position embeddings resampled bilinearly from the "
+                 "checkpoint's %dx%d grid to the %dx%d grid of %dx%d inputs.",
+                 source, *found, *target, *input_size)
+  return {"params": flax.traverse_util.unflatten_dict(flat)}
+
+
+def load_vit_variables(path: str | os.PathLike[str], backbone: str,
+                       input_size: tuple[int, int]) -> Variables:
+  """`load_state_dict` followed by `vit_variables_from_state_dict`.
+
+  Args:
+    path: timm's `model.safetensors` (e.g. of
+      vit_base_patch16_224.augreg2_in21k_ft_in1k), a timm/TransReID `.pth`
+      such as `jx_vit_base_p16_224-80ecf9dd.pth` (read with
+      `torch.load(weights_only=True)`), or a big_vision /
+      google-research/vision_transformer `.npz`.
+    backbone: a ViT registry name.
+    input_size: the network input (H, W).
+
+  Returns:
+    `{"params": ...}` of one stream.
+  """
+  path = os.fspath(path)
+  variables = vit_variables_from_state_dict(load_state_dict(path), backbone,
+                                            input_size, source=path)
+  logging.info("Loaded %s weights from %s.", backbone, path)
+  return variables
+
+
+def vit_tokens(path: str | os.PathLike[str], images: np.ndarray,
+               backbone: str = "vit_b16") -> np.ndarray:
+  """Every token of `images` after the final LayerNorm, under `path`'s weights.
+
+  Eval mode (no stochastic depth), no camera embedding. At the checkpoint's
+  own resolution (224 x 224 for ImageNet ViTs) nothing is interpolated;
+  other sizes resample the position embeddings as training does.
+
+  Args:
+    path: a ViT weights file (`load_vit_variables`).
+    images: float32 (B, H, W, 3), already normalised.
+    backbone: the ViT registry name the file holds.
+
+  Returns:
+    float32 NumPy (B, 1 + N, D), the CLS token first, then the patches in
+    row-major grid order.
+  """
+  images = np.asarray(images, np.float32)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"vit_tokens: images must be (B, H, W, 3), got "
+                     f"{images.shape}")
+  size = tuple(images.shape[1:3])
+  variables = load_vit_variables(path, backbone, size)
+  spec = backbones.info(backbone).spec
+  model = vit.ViT(spec.width, spec.depth, spec.heads, spec.patch, spec.stride,
+                  size, spec.mlp_ratio)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  return np.asarray(apply(variables, images), np.float32)
+
+
+_LOADERS = {
+    "resnet": lambda path, entry, size: load_resnet_variables(path,
+                                                              entry.spec),
+    "vit": lambda path, entry, size: load_vit_variables(path, entry.name,
+                                                        size),
+}

@@ -35,6 +35,7 @@ from facenet_jax import evaluation
 from facenet_jax import losses
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 from facenet_jax.models import FACENet
+from facenet_jax.models import backbones
 import input_pipeline  # noqa: F401  (hides accelerators from TensorFlow)
 from input_pipeline import deflare
 from input_pipeline import pipeline
@@ -63,24 +64,54 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def parse_depth(backbone: str) -> int:
-  """"resnet50" -> 50, with a clear error for anything else."""
-  if not backbone.startswith("resnet") or not backbone[6:].isdigit():
-    raise ValueError(f"model.backbone: expected 'resnet18', 'resnet34', "
-                     f"'resnet50' or 'resnet101', got {backbone!r}")
-  return int(backbone[6:])
+  """"resnet50" -> 50, with a clear error for anything else (ResNets only)."""
+  entry = check_backbone(backbone)
+  if entry.family != "resnet":
+    raise ValueError(f"model.backbone: expected a ResNet "
+                     f"({', '.join(backbones.RESNET_NAMES)}), got {backbone!r}")
+  return entry.spec
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FACENet:
-  """FACENet with typed arguments taken from config.model."""
+def check_backbone(backbone: str) -> backbones.BackboneInfo:
+  """The registry entry of model.backbone; a clear error for unknown names."""
+  return backbones.info(backbone)
+
+
+# ResNet geometry a ViT has no use for: set to anything but these, a warning.
+_RESNET_ONLY_DEFAULTS = {"width_multiplier": 1.0, "last_stride": 1}
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int,
+                num_cameras: int = 0) -> FACENet:
+  """FACENet with typed arguments taken from config.model.
+
+  Args:
+    config: the run configuration.
+    num_classes: training identities.
+    num_cameras: cameras of the training split (largest camid + 1); sizes
+      the camera embedding when config.model.camera_embedding is on.
+  """
   m = config.model
   if m.dtype not in DTYPES:
     raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, "
                      f"got {m.dtype!r}")
+  entry = check_backbone(m.backbone)
+  for field, default in _RESNET_ONLY_DEFAULTS.items():
+    if field not in entry.reads and m[field] != default:
+      logging.warning("model.%s=%r has no effect on %s streams.", field,
+                      m[field], m.backbone)
+  if m.camera_embedding and num_cameras < 1:
+    raise ValueError("model.camera_embedding needs the number of cameras of "
+                     "the training split (build_model's num_cameras)")
   return FACENet(
-      num_classes=num_classes, depth=parse_depth(m.backbone),
+      num_classes=num_classes, backbone=m.backbone,
       width_multiplier=m.width_multiplier, last_stride=m.last_stride,
+      drop_path=m.drop_path,
+      num_cameras=num_cameras if m.camera_embedding else 0,
+      camera_scale=m.camera_embedding_scale,
       use_mfmp=m.use_mfmp, use_fmi=m.use_fmi, use_fce=m.use_fce,
-      plug_stage=m.plug_stage, fmi_width=m.fmi_width,
+      plug_stage=backbones.resolve_plug_stage(m.backbone, m.plug_stage),
+      fmi_width=m.fmi_width,
       fmi_reduction=m.fmi_attention_reduction,
       mask_temperature=m.mask_temperature, smp=m.smp,
       smp_pooling=m.smp_pooling, smp_topk_fraction=m.smp_topk_fraction,
@@ -110,7 +141,27 @@ def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
     raise ValueError(
         "loss.fce_consistency_weight > 0 trains FCE's TI projection: it needs "
         "model.fce_projection=True (or weight 0)")
+  if config.loss.flare_pixel_weight > 0 and config.model.use_mfmp:
+    _check_pixel_target_grid(config)
   return losses.LossConfig(**config.loss.to_dict())
+
+
+def _check_pixel_target_grid(config: ml_collections.ConfigDict) -> None:
+  # losses.area_pool box-pools the input's saturation map to the mask grid,
+  # which needs the grid to divide the input (TransReID's overlapping patches
+  # give 21 x 10 tokens at 256 x 128, which does not).
+  m = config.model
+  entry = check_backbone(m.backbone)
+  plug_stage = backbones.resolve_plug_stage(m.backbone, m.plug_stage)
+  height, width = config.input_size
+  h, w = entry.plug_grid((height, width), plug_stage, m.last_stride)
+  if height % h or width % w:
+    raise ValueError(
+        f"loss.flare_pixel_weight > 0: the pixel-level flare target pools the "
+        f"{height}x{width} input's saturation map to the mask grid, but "
+        f"{m.backbone} at plug_stage {plug_stage} gives a {h}x{w} grid that "
+        "does not divide it; set loss.flare_pixel_weight=0 or choose an "
+        "input size the grid divides")
 
 
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -126,12 +177,16 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
 
   Decay points are given in epochs of a `num_epochs` run (paper: 40 and 70 of
   120). When `num_train_steps` shortens the run, they are scaled to the same
-  fractions of it, so a short run still sees the whole schedule.
+  fractions of it, so a short run still sees the whole schedule. The warmup
+  rises linearly from warmup_factor x learning_rate (0 by default; the
+  official ViT recipe: 0.01); the cosine ends at min_lr_factor x
+  learning_rate (0 by default).
   """
   opt = config.optimizer
   steps = total_steps(config, steps_per_epoch)
   scale = steps / max(1, config.num_epochs * steps_per_epoch)
   warmup = int(round(opt.warmup_epochs * steps_per_epoch * scale))
+  start = opt.warmup_factor * opt.learning_rate
   if opt.schedule == "piecewise":
     boundaries = {}
     for epoch in opt.decay_epochs:
@@ -142,22 +197,37 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
     if not warmup:
       return main
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, opt.learning_rate, warmup),
+        [optax.linear_schedule(start, opt.learning_rate, warmup),
          lambda s: main(s + warmup)], [warmup])
   if opt.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
-        0.0, opt.learning_rate, max(1, warmup), max(steps, warmup + 1))
+        start, opt.learning_rate, max(1, warmup), max(steps, warmup + 1),
+        end_value=opt.min_lr_factor * opt.learning_rate)
   raise ValueError(f"optimizer.schedule must be 'piecewise' or 'cosine', "
                    f"got {opt.schedule!r}")
 
 
+OPTIMIZERS = ("adam", "sgd")
+
+
 def build_optimizer(config: ml_collections.ConfigDict,
                     schedule: optax.Schedule) -> optax.GradientTransformation:
-  """Adam with L2 weight decay on kernels (PyTorch Adam's weight_decay)."""
+  """Adam (the paper) or SGD with momentum (the official ViT recipe).
+
+  Both with L2 weight decay on kernels (ndim > 1), added to the gradient
+  before the update as PyTorch's `weight_decay` does.
+  """
+  opt = config.optimizer
+  if opt.name not in OPTIMIZERS:
+    raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got "
+                     f"{opt.name!r}")
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  # PyTorch SGD: v = momentum * v + g; p -= lr * v (no dampening).
+  update = (optax.scale_by_adam() if opt.name == "adam" else
+            optax.trace(decay=opt.momentum))
   return optax.chain(
-      optax.add_decayed_weights(config.optimizer.weight_decay, decay_mask),
-      optax.scale_by_adam(),
+      optax.add_decayed_weights(opt.weight_decay, decay_mask),
+      update,
       optax.scale_by_learning_rate(schedule))
 
 
@@ -170,15 +240,21 @@ def model_inputs(batch: Mapping[str, jax.Array]) -> dict:
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
                model: FACENet, optimizer: optax.GradientTransformation,
-               loss_cfg: losses.LossConfig, schedule: optax.Schedule):
+               loss_cfg: losses.LossConfig, schedule: optax.Schedule,
+               seed: int = 0):
   """One optimisation step: (state, batch) -> (state, metrics).
 
-  Metrics stay on device; the host fetches them every log_every_steps.
+  Metrics stay on device; the host fetches them every log_every_steps. The
+  "dropout" rng (ViT stochastic depth) is a function of (seed, step), so a
+  resumed run draws what the uninterrupted one would have.
   """
+  dropout_rng = jax.random.fold_in(jax.random.key(seed), state.step)
+
   def loss_fn(params):
     out, updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats},
         model_inputs(batch), batch["flare"], train=True,
+        camera=batch.get("camid"), rngs={"dropout": dropout_rng},
         mutable=["batch_stats"])
     loss, terms = losses.total_loss(
         out.logits, out.features, out.flare_logits, batch["label"],
@@ -208,7 +284,8 @@ def embed_step(variables: Any, batch: Mapping[str, jax.Array], *,
                model: FACENet, flip_average: bool) -> jax.Array:
   """Eval-mode embeddings (B, 3D), L2-normalised; optional flip averaging."""
   def run(images):
-    return model.apply(variables, images, batch["flare"], train=False).embedding
+    return model.apply(variables, images, batch["flare"], train=False,
+                       camera=batch.get("camid")).embedding
   emb = run(model_inputs(batch))
   if flip_average:
     emb = emb + run({m: batch[m][:, :, ::-1] for m in MODALITIES})
@@ -217,11 +294,11 @@ def embed_step(variables: Any, batch: Mapping[str, jax.Array], *,
 
 def compile_train_step(model: FACENet, optimizer: optax.GradientTransformation,
                        loss_cfg: losses.LossConfig, schedule: optax.Schedule,
-                       sharding: "Sharding") -> Callable:
+                       sharding: "Sharding", seed: int = 0) -> Callable:
   """train_step jitted for the mesh: state replicated and donated, batch sharded."""
   return jax.jit(
       functools.partial(train_step, model=model, optimizer=optimizer,
-                        loss_cfg=loss_cfg, schedule=schedule),
+                        loss_cfg=loss_cfg, schedule=schedule, seed=seed),
       in_shardings=(sharding.replicated, sharding.data),
       out_shardings=(sharding.replicated, sharding.replicated),
       donate_argnums=0)
@@ -270,23 +347,41 @@ def create_state(model: FACENet, optimizer: optax.GradientTransformation,
   h, w = input_size
   images = {m: jnp.zeros((2, h, w, 3), jnp.float32) for m in MODALITIES}
   variables = model.init(rng, images, jnp.zeros((2, 2), jnp.float32),
-                         train=False)
+                         train=False, camera=jnp.zeros((2,), jnp.int32))
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables["batch_stats"],
                     opt_state=optimizer.init(params))
 
 
-def load_pretrained(state: TrainState, path: str, depth: int,
-                    optimizer: optax.GradientTransformation) -> TrainState:
-  """Initialises every stream's backbone from an ImageNet ResNet file."""
+def load_pretrained(state: TrainState, path: str, backbone: str,
+                    optimizer: optax.GradientTransformation,
+                    input_size: Sequence[int] = (256, 128)) -> TrainState:
+  """Initialises every stream's backbone from an ImageNet weights file.
+
+  Args:
+    state: the freshly initialised state.
+    path: a ResNet or ViT weights file (pretrained.load_backbone_variables).
+    backbone: model.backbone.
+    optimizer: for a fresh optimizer state.
+    input_size: the network input (H, W); a ViT's position embeddings are
+      resampled to its token grid.
+
+  Returns:
+    The state with the three stream backbones replaced, as host arrays.
+  """
   from facenet_jax import pretrained  # pylint: disable=g-import-not-at-top
-  resnet_vars = pretrained.load_resnet_variables(path, depth)
+  loaded = pretrained.load_backbone_variables(path, backbone,
+                                              tuple(input_size))
   variables = to_host({"params": state.params,
                        "batch_stats": state.batch_stats})
   for m in MODALITIES:
-    variables = pretrained.merge_into(variables, resnet_vars,
-                                      (f"{m}_backbone",))
+    stream = f"{m}_backbone"
+    # What no ImageNet file holds (a camera embedding) keeps its init.
+    own = {name: leaf for name, leaf in variables["params"][stream].items()
+           if name in pretrained.NOT_IN_CHECKPOINTS}
+    subtree = {**loaded, "params": {**loaded["params"], **own}}
+    variables = pretrained.merge_into(variables, subtree, (stream,))
   logging.info("Initialised the %s backbones from %s", MODALITIES, path)
   return TrainState(step=to_host(state.step), params=variables["params"],
                     batch_stats=variables["batch_stats"],
@@ -632,7 +727,9 @@ def _devices() -> str:
 
 def _model_summary(config: ml_collections.ConfigDict) -> str:
   m = config.model
-  parts = [f"3 x {m.backbone} x{m.width_multiplier:g}"]
+  width = (f" x{m.width_multiplier:g}" if "width_multiplier" in
+           check_backbone(m.backbone).reads else "")
+  parts = [f"3 x {m.backbone}{width}"]
   if m.use_mfmp:
     parts.append(f"MFMP ({'FMI, ' if m.use_fmi else 'no FMI, '}SMP {m.smp})")
   if m.use_fce:
@@ -693,7 +790,7 @@ def train_and_evaluate(
   _check_flare(config)
   loss_config(config)  # Loss-config errors before any data is loaded.
   _check_input(config)
-  parse_depth(config.model.backbone)
+  check_backbone(config.model.backbone)
   _check_missing_for_training(config)
   _check_eval_split(config)
   _check_init_from(config)
@@ -714,9 +811,10 @@ def train_and_evaluate(
   logging.info("Train split: %d triplets, %d ids; %d steps/epoch; %d steps",
                train_data.num_examples, num_classes, spe, num_steps)
 
+  num_cameras = int(train_data.camid.max()) + 1 if len(train_data.camid) else 0
   checkpointing.write_run_info(workdir, num_classes=num_classes,
-                               steps_per_epoch=spe)
-  model = build_model(config, num_classes)
+                               steps_per_epoch=spe, num_cameras=num_cameras)
+  model = build_model(config, num_classes, num_cameras)
   schedule = learning_rate_schedule(config, spe)
   optimizer = build_optimizer(config, schedule)
   rng = jax.random.key(config.seed)
@@ -733,7 +831,8 @@ def train_and_evaluate(
     if config.model.pretrained:
       state = put_replicated(
           load_pretrained(state, config.model.pretrained,
-                          parse_depth(config.model.backbone), optimizer),
+                          config.model.backbone, optimizer,
+                          config.input_size),
           sharding.replicated)
     if config.model.init_from:
       state = put_replicated(
@@ -757,7 +856,7 @@ def train_and_evaluate(
                           if isinstance(v, (int, float, str, bool))})
 
   step_fn = compile_train_step(model, optimizer, loss_config(config), schedule,
-                               sharding)
+                               sharding, seed=config.seed)
   batches = input_batches(config, train_data, sharding, start_step)
 
   report = periodic_actions.ReportProgress(num_train_steps=num_steps,
@@ -1057,6 +1156,12 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
   """
   if data is None:
     data = split_data(config, split)
+  if model.num_cameras and len(data.camid) and (
+      data.camid.max() >= model.num_cameras):
+    raise ValueError(
+        f"model.camera_embedding: {split} has camera {int(data.camid.max())}, "
+        f"but the training split, which sized the embedding, has cameras "
+        f"0-{model.num_cameras - 1} only")
   mean, std = normalization(config)
   if embed_fn is None:
     embed_fn = embedding_function(config, model, sharding)
@@ -1264,9 +1369,9 @@ def evaluate_missing_sweep(
 
 
 def abstract_state(config: ml_collections.ConfigDict, num_classes: int,
-                   steps_per_epoch: int):
+                   steps_per_epoch: int, num_cameras: int = 0):
   """(model, optimizer, the state's shapes and dtypes) of a config; no arrays."""
-  model = build_model(config, num_classes)
+  model = build_model(config, num_classes, num_cameras)
   optimizer = build_optimizer(
       config, learning_rate_schedule(config, steps_per_epoch))
   abstract = jax.eval_shape(
@@ -1280,8 +1385,10 @@ def restore_for_eval(config: ml_collections.ConfigDict, workdir: str,
   """Model and state of a finished (or interrupted) run, for eval/inference."""
   checkpointing.check_config(workdir, config, has_state=True, write=False)
   info = checkpointing.read_run_info(workdir)
+  # Runs from before the camera embedding have no num_cameras (and no use).
   model, _, abstract = abstract_state(config, info["num_classes"],
-                                      info["steps_per_epoch"])
+                                      info["steps_per_epoch"],
+                                      info.get("num_cameras", 0))
   sharding = Sharding.create()
   state_sharding = jax.tree.map(lambda _: sharding.replicated, abstract)
   ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)

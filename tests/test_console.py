@@ -119,7 +119,7 @@ class MainErrorsTest(absltest.TestCase):
     with open(os.path.join(workdir, console.LOG_FILE)) as f:
       log = f.read()
     self.assertIn("Traceback", log)
-    self.assertIn("parse_depth", log)
+    self.assertIn("check_backbone", log)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,24 @@
 """FACENet: Flare-Aware Cross-modal Enhancement Network (paper sections 3.1-3.3).
 
-Three non-shared ResNet streams (RGB, NI, TI). After a chosen stage
-(`plug_stage`, paper default 4) the flare-susceptible RGB and NI feature maps
-go through MFMP (mutual flare mask prediction: FMI + SMP) and FCE
-(flare-aware cross-modal enhancement with the TI map); the stages after the
-plug-in point continue per stream. Each stream ends in global average pooling,
-a BatchNorm neck and a bias-free classifier.
+Three non-shared backbone streams (RGB, NI, TI), ResNets (the paper) or ViTs
+(the official code, paper Table 8), built from the registry in
+`facenet_jax/models/backbones.py` and used only through its interface. After
+a chosen stage or block (`plug_stage`; ResNet default 4, ViT default before
+the last block) the flare-susceptible RGB and NI plug-in maps (a ResNet's
+feature map, a ViT's patch tokens as their grid) go through MFMP (mutual
+flare mask prediction: FMI + SMP) and FCE (flare-aware cross-modal
+enhancement with the TI map); the stages after the plug-in point continue
+per stream (a ViT's CLS token carried along). Each stream's pooled feature
+(ResNet: global average pooling; ViT: the CLS token after the final
+LayerNorm) goes through a BatchNorm neck and a bias-free classifier.
 
 Every interpretation of the paper's garbled equations 4-6 is documented in
 docs/model.md and is switchable through the attributes below. All switches
 off is the paper's baseline: three streams trained with CE + triplet.
 
-Arrays are NHWC. B = batch, C = channels at the plug-in stage, D = channels of
-the stage-4 map (the per-stream feature dimension).
+Arrays are NHWC. B = batch, C = channels of the plug-in map, D = the
+per-stream feature dimension (ResNet: channels of the stage-4 map; ViT: the
+embedding width, C = D).
 """
 
 import math
@@ -24,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from facenet_jax.constants import FLARE_MODALITIES, GUIDE_MODALITY, MODALITIES
+from facenet_jax.models import backbones as backbones_lib
 from facenet_jax.models import resnet
 
 Array = jax.Array
@@ -282,6 +289,19 @@ def pool_to_grid(x: Array, size: tuple[int, int]) -> Array:
   return jnp.mean(x.reshape(b, h, height // h, w, width // w, c), axis=(2, 4))
 
 
+def weighted_mean(x: Array, weights: Array) -> Array:
+  """Per-channel weighted mean over positions, (B, h, w, C) -> (B, C).
+
+  `weights` (B, h, w, C) in [0, 1]; a channel whose weights are all 0 gets
+  the plain mean.
+  """
+  x = x.astype(jnp.float32)
+  weights = weights.astype(jnp.float32)
+  total = jnp.sum(weights, axis=(1, 2))
+  weighted = jnp.sum(weights * x, axis=(1, 2)) / jnp.maximum(total, 1e-6)
+  return jnp.where(total > 0, weighted, jnp.mean(x, axis=(1, 2)))
+
+
 def _identity_kernel(key, shape, dtype=jnp.float32):
   """A 1x1 convolution kernel that starts as the identity map."""
   del key
@@ -289,27 +309,14 @@ def _identity_kernel(key, shape, dtype=jnp.float32):
 
 
 class StreamHead(nn.Module):
-  """GAP -> feature; BN neck (no bias, BoT-style) -> bias-free classifier."""
+  """Pooled feature; BN neck (no bias, BoT-style) -> bias-free classifier."""
   num_classes: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool,
-               weights: Optional[Array] = None):
-    """Maps (B, h, w, D) to (feature (B, D), neck feature (B, D), logits).
-
-    `weights` (B, h, w, D) in [0, 1], if given, makes the pooling a weighted
-    mean over positions (per channel); a channel whose weights are all 0
-    falls back to the plain mean.
-    """
-    x = x.astype(jnp.float32)
-    if weights is None:
-      feature = jnp.mean(x, axis=(1, 2))
-    else:
-      weights = weights.astype(jnp.float32)
-      total = jnp.sum(weights, axis=(1, 2))
-      weighted = jnp.sum(weights * x, axis=(1, 2)) / jnp.maximum(total, 1e-6)
-      feature = jnp.where(total > 0, weighted, jnp.mean(x, axis=(1, 2)))
+  def __call__(self, feature: Array, train: bool):
+    """Maps the pooled stream feature (B, D) to (feature, neck, logits)."""
+    feature = feature.astype(jnp.float32)
     neck = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                         epsilon=1e-5, use_bias=False, dtype=jnp.float32,
                         name="neck")(feature)
@@ -325,14 +332,23 @@ class FACENet(nn.Module):
 
   Attributes:
     num_classes: training identities.
-    depth: ResNet depth of every stream (18, 34, 50, 101).
+    backbone: the streams' registry name (backbones.names(): resnet18..101,
+      vit_s16, vit_b16, transreid_b16, vit_micro8); "" = f"resnet{depth}".
+    depth: ResNet depth when `backbone` is "" (the attribute of the releases
+      before the registry, kept for their callers).
     width_multiplier: ResNet width multiplier (1.0 = standard).
-    last_stride: stride of stage 4 (re-ID default 1).
+    last_stride: stride of ResNet stage 4 (re-ID default 1).
+    drop_path: ViT stochastic depth of the last block (linear over blocks).
+    num_cameras: > 0 adds TransReID's camera embedding to ViT tokens (a
+      table of that many cameras; the call then needs `camera`); 0 = none.
+    camera_scale: weight of the camera embedding (TransReID: 3.0).
     use_mfmp: mask prediction (SMP heads, masks, enhanced features A_S).
     use_fmi: masks from the common RGB+NI feature (False = "w/o FMI": each
       modality predicts its mask from itself alone).
     use_fce: replace flare regions with TI features (needs use_mfmp).
-    plug_stage: ResNet stage (1-4) after which MFMP/FCE are applied.
+    plug_stage: stage (ResNet, 1-4) or block (ViT, 1-depth) after which
+      MFMP/FCE are applied; 0 = the backbone's default (ResNet 4, the paper;
+      ViT depth - 1, before the last block, the official code).
     fmi_width: inner width of FMI's convolutions; 0 = C (paper-faithful).
     fmi_reduction: channel reduction of FMI's attention.
     mask_temperature: tau of the straight-through mask surrogate.
@@ -373,9 +389,13 @@ class FACENet(nn.Module):
     dtype: compute dtype (parameters are float32).
   """
   num_classes: int
+  backbone: str = ""
   depth: int = 50
   width_multiplier: float = 1.0
   last_stride: int = 1
+  drop_path: float = 0.0
+  num_cameras: int = 0
+  camera_scale: float = 3.0
   use_mfmp: bool = True
   use_fmi: bool = True
   use_fce: bool = True
@@ -397,19 +417,28 @@ class FACENet(nn.Module):
   embedding_source: str = "before_bn"
   dtype: Dtype = jnp.float32
 
+  @property
+  def backbone_name(self) -> str:
+    """The streams' registry name."""
+    return self.backbone or f"resnet{self.depth}"
+
   def _check(self) -> None:
     if self.use_fce and not self.use_mfmp:
       raise ValueError("model.use_fce needs model.use_mfmp: FCE uses the masks "
                        "that MFMP predicts.")
-    if self.plug_stage not in (1, 2, 3, 4):
-      raise ValueError(f"model.plug_stage must be 1-4, got {self.plug_stage}")
-    if self.fce_fill == "none" and self.use_fce and self.plug_stage != 4:
-      raise ValueError("model.fce_fill='none' needs model.plug_stage=4: it "
-                       "leaves the masked positions out of the pooling that "
-                       f"follows stage 4, got plug_stage={self.plug_stage}")
-    if not 0 <= self.mask_stage <= self.plug_stage:
+    plug_stage = backbones_lib.resolve_plug_stage(self.backbone_name,
+                                                  self.plug_stage)
+    entry = backbones_lib.info(self.backbone_name)
+    if self.fce_fill == "none" and self.use_fce and (
+        entry.family != "resnet" or plug_stage != entry.num_stages):
+      raise ValueError(
+          "model.fce_fill='none' needs a ResNet plugged in after its last "
+          "stage (plug_stage 4): it leaves the masked positions out of the "
+          "global pooling that follows, got "
+          f"{self.backbone_name} plug_stage={plug_stage}")
+    if not 0 <= self.mask_stage <= plug_stage:
       raise ValueError(f"model.mask_stage must be 0 (the plug-in stage) or "
-                       f"1-{self.plug_stage} (at most model.plug_stage), got "
+                       f"1-{plug_stage} (at most the plug-in stage), got "
                        f"{self.mask_stage}")
     for field, value, allowed in (
         ("smp", self.smp, SMP_MODES),
@@ -432,27 +461,41 @@ class FACENet(nn.Module):
 
   @nn.compact
   def __call__(self, images: Mapping[str, Array], flare: Array,
-               train: bool = False) -> ModelOutput:
+               train: bool = False,
+               camera: Optional[Array] = None) -> ModelOutput:
     """Runs the three streams.
 
     Args:
       images: modality -> (B, H, W, 3) normalised float images, keys MODALITIES.
       flare: (B, 2) pseudo-labels delta for [RGB, NI] in {0, 1}.
-      train: batch statistics in BatchNorm (True) or running averages.
+      train: batch statistics in BatchNorm and stochastic depth (True), or
+        running averages and no dropping. Stochastic depth needs the
+        "dropout" rng.
+      camera: (B,) int camera ids; read only with num_cameras > 0.
 
     Returns:
       ModelOutput.
     """
     self._check()
-    backbones = {m: resnet.ResNet(self.depth, self.width_multiplier,
-                                  self.last_stride, self.dtype,
-                                  name=f"{m}_backbone") for m in MODALITIES}
-    maps = {m: backbones[m].stem(images[m], train) for m in MODALITIES}
+    plug_stage = backbones_lib.resolve_plug_stage(self.backbone_name,
+                                                  self.plug_stage)
+    input_size = tuple(images[MODALITIES[0]].shape[1:3])
+    backbones = {m: backbones_lib.build(
+        self.backbone_name, input_size=input_size,
+        width_multiplier=self.width_multiplier, last_stride=self.last_stride,
+        drop_path=self.drop_path, num_cameras=self.num_cameras,
+        camera_scale=self.camera_scale, dtype=self.dtype,
+        name=f"{m}_backbone") for m in MODALITIES}
+    camera = camera if self.num_cameras else None
+    states = {m: backbones[m].stem(images[m], train, camera)
+              for m in MODALITIES}
     early = None
-    for stage in range(1, self.plug_stage + 1):
-      maps = {m: backbones[m].stage(stage, maps[m], train) for m in MODALITIES}
-      if stage == self.mask_stage and stage < self.plug_stage:
-        early = {m: maps[m] for m in FLARE_MODALITIES}
+    for stage in range(1, plug_stage + 1):
+      states = {m: backbones[m].stage(stage, states[m], train)
+                for m in MODALITIES}
+      if stage == self.mask_stage and stage < plug_stage:
+        early = {m: backbones[m].grid(states[m]) for m in FLARE_MODALITIES}
+    maps = {m: backbones[m].grid(states[m]) for m in MODALITIES}
 
     masks, flare_logits, thresholds, flare_maps = {}, {}, {}, {}
     guides, plug_features, pool_weights = {}, {}, {}
@@ -515,14 +558,20 @@ class FACENet(nn.Module):
         maps[m] = flare_aware_enhancement(maps[m], guide, paste, clean,
                                           flare[:, i])
 
-    for stage in range(self.plug_stage + 1, 5):
-      maps = {m: backbones[m].stage(stage, maps[m], train) for m in MODALITIES}
+    states = {m: backbones[m].with_grid(states[m], maps[m])
+              for m in MODALITIES}
+    for stage in range(plug_stage + 1, backbones[MODALITIES[0]].num_stages + 1):
+      states = {m: backbones[m].stage(stage, states[m], train)
+                for m in MODALITIES}
 
+    pooled = {m: backbones[m].pool(states[m]) for m in MODALITIES}
+    for m, weights in pool_weights.items():
+      pooled[m] = weighted_mean(backbones[m].grid(states[m]), weights)
     features, necks, logits = {}, {}, {}
     for m in MODALITIES:
       features[m], necks[m], logits[m] = StreamHead(
           self.num_classes, self.dtype, name=f"{m}_head")(
-              maps[m], train, pool_weights.get(m))
+              pooled[m], train)
     source = features if self.embedding_source == "before_bn" else necks
     embedding = jnp.concatenate([source[m] for m in MODALITIES], axis=-1)
     return ModelOutput(embedding=embedding, features=features, logits=logits,

@@ -16,10 +16,12 @@ so that the same weights give the same feature maps. Bottleneck blocks put the
 stride on the 3x3 convolution (torchvision's "ResNet v1.5").
 
 The stem and the four stages are separate methods so that FACENet can insert
-its modules after any stage and continue with the rest per stream.
+its modules after any stage and continue with the rest per stream; with
+`grid`, `with_grid` and `pool` they make the stream interface of
+`facenet_jax/models/backbones.py` (a ResNet's state is its feature map).
 """
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -161,8 +163,18 @@ class ResNet(nn.Module):
     self.layer3 = Stage(block, blocks[2], widths[2], strides[2], self.dtype)
     self.layer4 = Stage(block, blocks[3], widths[3], strides[3], self.dtype)
 
-  def stem(self, x: Array, train: bool) -> Array:
-    """conv1 -> bn1 -> ReLU -> 3x3/2 max pool: (B, H, W, 3) -> (B, H/4, W/4, C0)."""
+  @property
+  def num_stages(self) -> int:
+    return len(STAGE_NAMES)
+
+  def stem(self, x: Array, train: bool,
+           camera: Optional[Array] = None) -> Array:
+    """conv1 -> bn1 -> ReLU -> 3x3/2 max pool: (B, H, W, 3) -> (B, H/4, W/4, C0).
+
+    `camera` is part of the stream interface; a ResNet takes no camera ids.
+    """
+    if camera is not None:
+      raise ValueError("ResNet streams have no camera embedding")
     x = self.conv1(x.astype(self.dtype))
     x = nn.relu(self.bn1(x, use_running_average=not train))
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -171,6 +183,19 @@ class ResNet(nn.Module):
     """Runs stage `index` (1-4) on x."""
     return (self.layer1, self.layer2, self.layer3,
             self.layer4)[index - 1](x, train)
+
+  def grid(self, x: Array) -> Array:
+    """The plug-in view of a stage output: the map itself."""
+    return x
+
+  def with_grid(self, x: Array, grid: Array) -> Array:
+    """The state whose plug-in view is `grid`: the map itself."""
+    del x
+    return grid
+
+  def pool(self, x: Array) -> Array:
+    """The stream feature: global average pooling, (B, h, w, C) -> (B, C)."""
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
   def __call__(self, x: Array, train: bool = False) -> Array:
     """Stem and all four stages: (B, H, W, 3) -> stage-4 map (B, h, w, C4)."""
