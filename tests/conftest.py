@@ -21,12 +21,7 @@ import jax  # noqa: E402
 # XLA compiles dominate this suite on small CPUs. Tests build the same tiny
 # programs many times (every train_and_evaluate makes new jit wrappers), so a
 # session-wide persistent compilation cache compiles each program once.
-# The directory is made once, by the first process that loads this file, and
-# handed on through the environment: pytest-xdist's workers (setup.cfg runs
-# the suite in two) start after it and share the compiled programs.
-_CACHE_ENV = "FACENET_JAX_TEST_XLA_CACHE"
-if not os.environ.get(_CACHE_ENV):
-  os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="facenet_jax_xla_cache_")
-jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+jax.config.update("jax_compilation_cache_dir",
+                  tempfile.mkdtemp(prefix="facenet_jax_xla_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
