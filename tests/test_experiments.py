@@ -30,11 +30,14 @@ def _fake_results(seed: int, steps: int, split: str = "test") -> dict:
 
 class VariantsTest(absltest.TestCase):
 
-  def test_all_tables_need_fifteen_distinct_variants(self):
+  def test_all_tables_need_seventeen_distinct_variants(self):
     variants = experiments.variants_of(sorted(experiments.TABLES))
-    # The paper's tables need 12; the warm-start table adds three.
+    # The paper's Tables 2-5 need 12; Table 8 adds the two ViT runs and the
+    # warm-start table three.
     self.assertLen(experiments.variants_of([2, 3, 4, 5]), 12)
-    self.assertLen(variants, 15)
+    self.assertEqual(experiments.variants_of([8]),
+                     ["baseline", "facenet", "vit_baseline", "vit_facenet"])
+    self.assertLen(variants, 17)
     self.assertCountEqual(variants, experiments.VARIANTS)
 
   def test_warm_started_variants_start_from_the_same_seeds_baseline(self):
@@ -91,10 +94,14 @@ class VariantsTest(absltest.TestCase):
       self.assertEqual(models[f"mfmp_fce_stage{stage}"].plug_stage, stage)
     self.assertEqual(models["mfmp_fce"].plug_stage, 4)
     self.assertEqual(loss["facenet"].modality, "ic")
+    self.assertEqual(models["vit_baseline"].backbone, "vit_micro8")
+    self.assertFalse(models["vit_baseline"].use_mfmp)
+    self.assertTrue(models["vit_facenet"].use_fce)
+    self.assertEqual(loss["vit_facenet"].modality, "ic")
     for name in ("3m", "hc", "cdc"):
       self.assertEqual(loss[f"mfmp_fce_{name}"].modality, name)
     for v in ("baseline", "baseline_clahe", "mfmp", "mfmp_fce",
-              "mfmp_nofmi_fce"):
+              "mfmp_nofmi_fce", "vit_baseline"):
       self.assertEqual(loss[v].modality, "none")
     clahe = {v: experiments.variant_config(base, v, 0, "/s").preprocess.clahe
              for v in experiments.VARIANTS}

@@ -44,7 +44,7 @@ def _train_grads(model, variables, images, flare, objective):
                           "batch_stats": variables["batch_stats"]},
                          images, flare, train=True, mutable=["batch_stats"])
     return objective(out)
-  return jax.jit(jax.grad(loss))(variables["params"])
+  return jax.grad(loss)(variables["params"])
 
 
 def _abs_sum(tree) -> float:
