@@ -168,6 +168,24 @@ def route_logs(workdir: str, verbosity: int) -> str:
   return path
 
 
+def start_script_logs(workdir: str, verbosity: int, startup_text: str) -> str:
+  """`route_logs`, then the native libraries' start-up lines into the log.
+
+  Args:
+    workdir: the run directory.
+    verbosity: absl's --verbosity.
+    startup_text: what `NativeStartupLines` caught while the script imported.
+
+  Returns:
+    The log file's path.
+  """
+  path = route_logs(workdir, verbosity)
+  if startup_text.strip():
+    logging.info("Start-up output of native libraries:\n%s",
+                 startup_text.rstrip())
+  return path
+
+
 # --- The scripts' chrome ------------------------------------------------------
 
 # Errors that mean "the input is wrong", not "the code is": bad config values,

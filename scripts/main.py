@@ -86,10 +86,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   verbosity = flags.FLAGS.verbosity
-  log_file = console_lib.route_logs(_WORKDIR.value, verbosity)
-  if _STARTUP.text.strip():
-    logging.info("Start-up output of native libraries:\n%s",
-                 _STARTUP.text.rstrip())
+  log_file = console_lib.start_script_logs(_WORKDIR.value, verbosity,
+                                           _STARTUP.text)
   with console_lib.stop_on_user_error(log_file, verbosity):
     if _multi_process():
       jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,

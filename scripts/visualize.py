@@ -28,7 +28,6 @@ if not _VERBOSE:
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 with console_lib.NativeStartupLines(active=not _VERBOSE) as _STARTUP:
@@ -82,10 +81,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   verbosity = flags.FLAGS.verbosity
-  log_file = console_lib.route_logs(_WORKDIR.value, verbosity)
-  if _STARTUP.text.strip():
-    logging.info("Start-up output of native libraries:\n%s",
-                 _STARTUP.text.rstrip())
+  log_file = console_lib.start_script_logs(_WORKDIR.value, verbosity,
+                                           _STARTUP.text)
   with console_lib.stop_on_user_error(log_file, verbosity):
     console = console_lib.Console(enabled=jax.process_index() == 0)
     written = visualize.visualize_run(_CONFIG.value, _WORKDIR.value,
