@@ -184,6 +184,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.modality_weight = 1.0
   config.loss.modality_margin = 0.1
 
+  # --- Restoration training (beyond the paper; off in the paper) ---------------
+  # copies > 0: each step renders a flare (facenet_jax/flare_render.py, a
+  # family unlike synthetic_flare's) onto the RGB and NI images of that many
+  # flare-free triplets of the batch and appends them; each copy adds its RGB
+  # and NI identity CE and, with `weight`, the restoration loss that pulls
+  # its RGB and NI stream features onto its clean source's. 0 = off.
+  config.restore = ml_collections.ConfigDict()
+  config.restore.copies = 0
+  config.restore.weight = 1.0
+
   # --- Optimisation -----------------------------------------------------------
   config.optimizer = ml_collections.ConfigDict()
   # adam (paper) | sgd (with momentum; the official ViT recipe).

@@ -69,6 +69,8 @@ ADDED_FIELDS = {"preprocess": {"clahe": False, "clahe_clip_limit": 0.01},
                          "fce_consistency_weight": 0.0},
                 "input": {"cache": "auto", "cache_max_gb": 4.0,
                           "device_prefetch": 2, "threads": -1},
+                # Before restoration training (beyond the paper; off).
+                "restore": {"copies": 0, "weight": 1.0},
                 "val_ids": 0}
 
 

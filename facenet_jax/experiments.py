@@ -63,6 +63,15 @@ VARIANTS.update({"vit_baseline": {**VARIANTS["baseline"], **_VIT},
 _WARM = {"model.init_from": "@baseline"}
 VARIANTS.update({f"{v}_ws": {**VARIANTS[v], **_WARM}
                  for v in ("baseline", "mfmp_fce", "facenet")})
+# Restoration training (beyond the paper, `config.restore`): 8 flared copies
+# of flare-free triplets per batch of 32, each pulled onto its clean source.
+# The baseline gets the same copies and loss, so that what FACENet gains
+# over it is the mechanism's and not the extra flare images'.
+_RESTORE = {"restore.copies": 8}
+VARIANTS.update({f"{v}_restore": {**VARIANTS[v], **_RESTORE}
+                 for v in ("baseline", "mfmp_fce")})
+VARIANTS["mfmp_fce_ms1_restore"] = {**VARIANTS["mfmp_fce_restore"],
+                                    "model.mask_stage": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +127,14 @@ TABLES: dict[int, Table] = {
         ("+ MFMP + FCE, warm-started", "mfmp_fce_ws", None),
         ("FACENet", "facenet", _PAPER_FACENET),
         ("FACENet, warm-started", "facenet_ws", None),
+    )),
+    10: Table(10, "Restoration training on rendered flare (beyond the paper)", (
+        _BASELINE,
+        ("Baseline + restoration", "baseline_restore", None),
+        ("+ MFMP + FCE", "mfmp_fce", _PAPER_MFMP_FCE),
+        ("+ MFMP + FCE + restoration", "mfmp_fce_restore", None),
+        ("+ MFMP (stage-1 masks) + FCE + restoration", "mfmp_fce_ms1_restore",
+         None),
     )),
 }
 # Config fields a study run may not change between invocations: unlike a

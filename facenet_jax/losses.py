@@ -258,6 +258,32 @@ def fce_consistency(guide: Array, plug: Array, flare: Array) -> Array:
                       _float32(flare) < 0.5)
 
 
+def restoration_loss(flared: Array, clean: Array, valid: Array) -> Array:
+  """Pulls a flared copy's stream feature onto its clean source's (beyond the paper).
+
+  Restoration training (`config.restore`) renders a flare onto copies of
+  flare-free training images; the copy's pooled stream feature is regressed
+  onto the source's (stop-gradient target), normalised by the target's
+  energy:
+    l_i = mean((f~_i - sg(f_i))^2) / mean(sg(f_i)^2),
+  averaged over the copies whose source was flare-free. What FCE pastes
+  where the mask fires is then trained to give back the feature the flare
+  took away.
+
+  Args:
+    flared: (n, D) the copies' features.
+    clean: (n, D) their sources' features.
+    valid: (n,) bool, the source was flare-free.
+
+  Returns:
+    Scalar; 0 when no copy is valid.
+  """
+  target = jax.lax.stop_gradient(_float32(clean))
+  error = jnp.mean(jnp.square(_float32(flared) - target), axis=-1)
+  energy = jnp.mean(jnp.square(target), axis=-1)
+  return _masked_mean(error / jnp.maximum(energy, 1e-6), valid)
+
+
 def ic_loss(logits_rgb: Array, logits_ni: Array) -> Array:
   """Inter-modality consistency loss L_IC (paper eq. 8).
 

@@ -32,6 +32,7 @@ import optax
 from facenet_jax import checkpointing
 from facenet_jax import console as console_lib
 from facenet_jax import evaluation
+from facenet_jax import flare_render
 from facenet_jax import losses
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 from facenet_jax.models import FACENet
@@ -238,31 +239,149 @@ def model_inputs(batch: Mapping[str, jax.Array]) -> dict:
 # --- Step functions ------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class RestoreConfig:
+  """Restoration training (beyond the paper); mirrors `config.restore`.
+
+  Attributes:
+    copies: flared copies added to each global batch (0 = off).
+    weight: weight of each flare stream's restoration loss.
+    mean, std: per-modality normalisation, [RGB, NI, TI] order, to bring the
+      batch's images back to [0, 1] for rendering.
+    pixel_low, ratio_threshold: the pseudo-label's bars (config.flare).
+  """
+  copies: int = 0
+  weight: float = 1.0
+  mean: tuple = ((0.485, 0.456, 0.406),) * 3
+  std: tuple = ((0.229, 0.224, 0.225),) * 3
+  pixel_low: int = 250
+  ratio_threshold: float = 0.1
+
+
+def restore_config(config: ml_collections.ConfigDict) -> RestoreConfig:
+  """config.restore checked, with the normalisation and flare bars it needs."""
+  r = config.restore
+  unknown = set(r.keys()) - {"copies", "weight"}
+  if unknown:
+    raise ValueError(f"Unknown config.restore fields: {sorted(unknown)}; "
+                     "known: ['copies', 'weight']")
+  batch = config.ids_per_batch * config.instances_per_id
+  if not 0 <= r.copies <= batch:
+    raise ValueError(f"restore.copies must be in [0, {batch}] (the batch, "
+                     f"ids_per_batch x instances_per_id), got {r.copies}")
+  if r.weight < 0:
+    raise ValueError(f"restore.weight must be >= 0, got {r.weight}")
+  if r.copies and config.preprocess.clahe:
+    raise ValueError("restore.copies > 0 with preprocess.clahe: the flare "
+                     "would be rendered onto CLAHE-enhanced images; set one "
+                     "of them off")
+  mean, std = (tuple(map(tuple, a.tolist())) for a in normalization(config))
+  return RestoreConfig(copies=int(r.copies), weight=float(r.weight),
+                       mean=mean, std=std,
+                       pixel_low=int(config.flare.pixel_low),
+                       ratio_threshold=float(config.flare.ratio_threshold))
+
+
+def with_flared_copies(batch: Mapping[str, jax.Array], restore: RestoreConfig,
+                       key: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
+  """The batch with `restore.copies` flared copies appended (beyond the paper).
+
+  Sources are the batch's first flare-free samples (delta = 0 for RGB and
+  NI), or flared ones when the batch has too few; the copy of a triplet keeps
+  its TI image, label and camera, and gets a rendered flare on RGB and NI
+  (facenet_jax/flare_render.py), its own pseudo-labels and saturation map.
+
+  Returns:
+    (batch of B + n rows, src (n,) source rows, valid (n,) bool: the source
+    was flare-free).
+  """
+  flare = batch["flare"]
+  order = jnp.argsort(jnp.sum(flare, axis=-1), stable=True)
+  src = order[:restore.copies]
+  valid = jnp.sum(flare[src], axis=-1) == 0
+  raw = {}
+  for i, m in enumerate(MODALITIES):
+    mean = jnp.asarray(restore.mean[i], jnp.float32)
+    std = jnp.asarray(restore.std[i], jnp.float32)
+    raw[m] = (batch[m][src], mean, std)
+  rendered = flare_render.add_flare(
+      key, *(raw[m][0] * raw[m][2] + raw[m][1] for m in FLARE_MODALITIES),
+      pixel_low=restore.pixel_low, ratio_threshold=restore.ratio_threshold)
+  copies = {"rgb": rendered.rgb, "ni": rendered.ni}
+  out = {}
+  for m in MODALITIES:
+    image, mean, std = raw[m]
+    copy = (copies[m] - mean) / std if m in copies else image
+    out[m] = jnp.concatenate([batch[m], copy.astype(batch[m].dtype)])
+  out["flare"] = jnp.concatenate([flare, rendered.flare])
+  out["label"] = jnp.concatenate([batch["label"], batch["label"][src]])
+  if "camid" in batch:
+    out["camid"] = jnp.concatenate([batch["camid"], batch["camid"][src]])
+  if "saturation" in batch:
+    out["saturation"] = jnp.concatenate(
+        [batch["saturation"], rendered.saturation])
+  return out, src, valid
+
+
+def training_loss(params: Any, *, batch_stats: Any,
+                  batch: Mapping[str, jax.Array], size: int,
+                  src: Optional[jax.Array], valid: Optional[jax.Array],
+                  model: FACENet, loss_cfg: losses.LossConfig,
+                  restore: RestoreConfig, dropout_rng: jax.Array):
+  """The step's objective: (loss, (terms, ModelOutput, new batch_stats)).
+
+  `batch` holds `size` rows, then (restoration training) the flared copies
+  of rows `src` (`with_flared_copies`). CE and triplet see the first `size`
+  rows, the flare losses every row; each copy adds the CE of its RGB and NI
+  streams and, with `restore.weight`, the restoration loss towards its
+  source.
+  """
+  out, updates = model.apply(
+      {"params": params, "batch_stats": batch_stats},
+      model_inputs(batch), batch["flare"], train=True,
+      camera=batch.get("camid"), rngs={"dropout": dropout_rng},
+      mutable=["batch_stats"])
+  head = lambda tree: {k: v[:size] for k, v in tree.items()}
+  loss, terms = losses.total_loss(
+      head(out.logits), head(out.features), out.flare_logits,
+      batch["label"][:size], batch["flare"], loss_cfg,
+      flare_maps=out.flare_maps, saturation=batch.get("saturation"),
+      fce_guides=out.fce_guides, plug_features=out.plug_features)
+  if restore.copies:
+    for m in FLARE_MODALITIES:
+      terms[f"ce_flared_{m}"] = losses.cross_entropy(
+          out.logits[m][size:], batch["label"][size:],
+          loss_cfg.label_smoothing)
+      terms[f"restore_{m}"] = losses.restoration_loss(
+          out.features[m][size:], out.features[m][src], valid)
+      loss += (loss_cfg.ce_weight * terms[f"ce_flared_{m}"] +
+               restore.weight * terms[f"restore_{m}"])
+    terms["total"] = loss
+  return loss, (terms, out, updates["batch_stats"])
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
                model: FACENet, optimizer: optax.GradientTransformation,
                loss_cfg: losses.LossConfig, schedule: optax.Schedule,
-               seed: int = 0):
+               seed: int = 0, restore: RestoreConfig = RestoreConfig()):
   """One optimisation step: (state, batch) -> (state, metrics).
 
   Metrics stay on device; the host fetches them every log_every_steps. The
-  "dropout" rng (ViT stochastic depth) is a function of (seed, step), so a
-  resumed run draws what the uninterrupted one would have.
+  "dropout" rng (ViT stochastic depth) and the rendered flares of
+  restoration training are functions of (seed, step), so a resumed run draws
+  what the uninterrupted one would have. With `restore.copies` > 0 the
+  network runs on the batch plus its flared copies (`training_loss`).
   """
-  dropout_rng = jax.random.fold_in(jax.random.key(seed), state.step)
-
-  def loss_fn(params):
-    out, updates = model.apply(
-        {"params": params, "batch_stats": state.batch_stats},
-        model_inputs(batch), batch["flare"], train=True,
-        camera=batch.get("camid"), rngs={"dropout": dropout_rng},
-        mutable=["batch_stats"])
-    loss, terms = losses.total_loss(
-        out.logits, out.features, out.flare_logits, batch["label"],
-        batch["flare"], loss_cfg, flare_maps=out.flare_maps,
-        saturation=batch.get("saturation"), fce_guides=out.fce_guides,
-        plug_features=out.plug_features)
-    return loss, (terms, out, updates["batch_stats"])
-
+  step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+  size = batch["label"].shape[0]
+  src = valid = None
+  if restore.copies:
+    batch, src, valid = with_flared_copies(
+        batch, restore, jax.random.fold_in(step_key, 1))
+  loss_fn = functools.partial(
+      training_loss, batch_stats=state.batch_stats, batch=batch, size=size,
+      src=src, valid=valid, model=model, loss_cfg=loss_cfg, restore=restore,
+      dropout_rng=step_key)
   grads, (terms, out, batch_stats) = jax.grad(loss_fn, has_aux=True)(
       state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -294,11 +413,13 @@ def embed_step(variables: Any, batch: Mapping[str, jax.Array], *,
 
 def compile_train_step(model: FACENet, optimizer: optax.GradientTransformation,
                        loss_cfg: losses.LossConfig, schedule: optax.Schedule,
-                       sharding: "Sharding", seed: int = 0) -> Callable:
+                       sharding: "Sharding", seed: int = 0,
+                       restore: RestoreConfig = RestoreConfig()) -> Callable:
   """train_step jitted for the mesh: state replicated and donated, batch sharded."""
   return jax.jit(
       functools.partial(train_step, model=model, optimizer=optimizer,
-                        loss_cfg=loss_cfg, schedule=schedule, seed=seed),
+                        loss_cfg=loss_cfg, schedule=schedule, seed=seed,
+                        restore=restore),
       in_shardings=(sharding.replicated, sharding.data),
       out_shardings=(sharding.replicated, sharding.replicated),
       donate_argnums=0)
@@ -856,7 +977,8 @@ def train_and_evaluate(
                           if isinstance(v, (int, float, str, bool))})
 
   step_fn = compile_train_step(model, optimizer, loss_config(config), schedule,
-                               sharding, seed=config.seed)
+                               sharding, seed=config.seed,
+                               restore=restore_config(config))
   batches = input_batches(config, train_data, sharding, start_step)
 
   report = periodic_actions.ReportProgress(num_train_steps=num_steps,

@@ -17,7 +17,7 @@ every row alike:
 
 FACENet's modules have no PyTorch twin here, so with --torch a config that
 uses them is also measured as its baseline (use_mfmp, use_fce off, no
-modality loss), and the JAX/PyTorch ratio compares the baseline rows.
+modality loss, no restoration copies), and the JAX/PyTorch ratio compares the baseline rows.
 TFLOP/s divide XLA's FLOP count of the compiled step (a multiply-add is 2
 FLOPs) by its time; "% peak" compares them with the dense bf16 peak of the
 device kind where the table below knows it (accelerators; run with
@@ -77,12 +77,13 @@ def baseline_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.model.use_mfmp = False
   config.model.use_fce = False
   config.loss.modality = "none"
+  config.restore.copies = 0
   return config
 
 
 def is_baseline(config: ml_collections.ConfigDict) -> bool:
   return (not config.model.use_mfmp and not config.model.use_fce and
-          config.loss.modality == "none")
+          config.loss.modality == "none" and not config.restore.copies)
 
 
 class JaxRows:
@@ -99,7 +100,8 @@ class JaxRows:
     schedule = train.learning_rate_schedule(config, spe)
     optimizer = train.build_optimizer(config, schedule)
     self.step_fn = train.compile_train_step(
-        model, optimizer, train.loss_config(config), schedule, self.sharding)
+        model, optimizer, train.loss_config(config), schedule, self.sharding,
+        restore=train.restore_config(config))
     state_sharding = self.sharding.replicated
     init = lambda rng: train.create_state(model, optimizer,
                                           tuple(config.input_size), rng)

@@ -53,8 +53,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory.")
 _TABLES = flags.DEFINE_list("tables", ["2", "3", "4", "5"],
-                            "Tables to run: the paper's 2, 3, 4, 5, and 9 (warm "
-                            "start from the baseline, beyond the paper).")
+                            "Tables to run: the paper's 2, 3, 4, 5 and 8 (other "
+                            "backbones), and beyond the paper 9 (warm start "
+                            "from the baseline) and 10 (restoration training).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every variant.")
 _QUICK = flags.DEFINE_bool("quick", False,
                            "Table 2 with one seed (the first of --seeds).")
