@@ -17,7 +17,6 @@ from absl.testing import absltest
 import jax
 import numpy as np
 
-from configs import tiny
 from facenet_jax import train
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -35,7 +34,7 @@ def _free_port() -> int:
 class MultiProcessTest(absltest.TestCase):
 
   def test_two_processes_match_one(self):
-    config = tiny.get_config()
+    config = multiprocess_worker.worker_config()
     reference = multiprocess_worker.two_steps(
         config, train.Sharding.create(jax.devices()[:8]),
         multiprocess_worker.make_batches(config))
