@@ -70,8 +70,6 @@ VARIANTS.update({f"{v}_ws": {**VARIANTS[v], **_WARM}
 _RESTORE = {"restore.copies": 8}
 VARIANTS.update({f"{v}_restore": {**VARIANTS[v], **_RESTORE}
                  for v in ("baseline", "mfmp_fce")})
-VARIANTS["mfmp_fce_ms1_restore"] = {**VARIANTS["mfmp_fce_restore"],
-                                    "model.mask_stage": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +131,6 @@ TABLES: dict[int, Table] = {
         ("Baseline + restoration", "baseline_restore", None),
         ("+ MFMP + FCE", "mfmp_fce", _PAPER_MFMP_FCE),
         ("+ MFMP + FCE + restoration", "mfmp_fce_restore", None),
-        ("+ MFMP (stage-1 masks) + FCE + restoration", "mfmp_fce_ms1_restore",
-         None),
     )),
 }
 # Config fields a study run may not change between invocations: unlike a

@@ -76,8 +76,10 @@ def two_steps(config, sharding, local_batches) -> dict:
 
 
 def main(process_id: int, port: int, output: str) -> None:
+  import subprocess_env  # pylint: disable=g-import-not-at-top
   os.environ["XLA_FLAGS"] = (
-      f"--xla_force_host_platform_device_count={LOCAL_DEVICES}")
+      f"--xla_force_host_platform_device_count={LOCAL_DEVICES} "
+      f"{subprocess_env.COMPILE_FLAGS}")
   os.environ["JAX_PLATFORMS"] = "cpu"
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_collectives_implementation", "gloo")

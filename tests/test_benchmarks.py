@@ -9,6 +9,7 @@ import sys
 from absl.testing import absltest
 
 from facenet_jax import hardware
+import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +29,7 @@ class BenchmarkTrainTest(absltest.TestCase):
             "--rounds=1", "--warmup=1"]
     if _has_torch():
       args.append("--torch")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env.script_env()
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "benchmark_train.py"),
          *args], env=env, capture_output=True, text=True, timeout=600,

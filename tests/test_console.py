@@ -12,6 +12,7 @@ from absl import logging
 from absl.testing import absltest
 
 from facenet_jax import console
+import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,7 +93,7 @@ class MainErrorsTest(absltest.TestCase):
 
   def _main(self, *args):
     workdir = tempfile.mkdtemp()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env.script_env()
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "main.py"), "--config",
          os.path.join(ROOT, "configs", "tiny.py"), "--workdir", workdir,

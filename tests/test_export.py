@@ -23,6 +23,7 @@ from facenet_jax import checkpointing
 from facenet_jax import export
 from facenet_jax import inference
 import run_fixtures
+import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 5
@@ -167,7 +168,7 @@ class ErrorsTest(absltest.TestCase):
 class ScriptTest(absltest.TestCase):
 
   def _run(self, *args):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env.script_env()
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "export.py"), *args],
         env=env, capture_output=True, text=True, timeout=600, check=False)

@@ -21,6 +21,7 @@ from facenet_jax import train
 
 sys.path.insert(0, os.path.dirname(__file__))
 import multiprocess_worker  # noqa: E402  pylint: disable=g-import-not-at-top
+import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +42,7 @@ class MultiProcessTest(absltest.TestCase):
 
     output = os.path.join(tempfile.mkdtemp(), "result.json")
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env.script_env()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     workers = [subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "tests", "multiprocess_worker.py"),

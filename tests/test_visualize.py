@@ -26,6 +26,7 @@ from facenet_jax import mask_quality
 from facenet_jax import visualize
 import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
 import run_fixtures
+import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The t-SNE map needs the viz extra, which the README's test command does not
@@ -346,7 +347,7 @@ class ScriptTest(absltest.TestCase):
   def test_no_checkpoint_is_one_line_and_status_2(self):
     workdir = os.path.join(tempfile.mkdtemp(), "untrained")
     checkpointing.check_config(workdir, tiny.get_config(), has_state=False)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env.script_env()
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "visualize.py"),
          "--workdir", workdir], env=env, capture_output=True, text=True,
