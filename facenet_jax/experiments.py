@@ -69,7 +69,11 @@ VARIANTS.update({f"{v}_ws": {**VARIANTS[v], **_WARM}
 # over it is the mechanism's and not the extra flare images'.
 _RESTORE = {"restore.copies": 8}
 VARIANTS.update({f"{v}_restore": {**VARIANTS[v], **_RESTORE}
-                 for v in ("baseline", "mfmp_fce")})
+                 for v in ("baseline", "mfmp_fce", "baseline_ws")})
+# Masks that find the flare (the mask branch reads stage 1, docs/results.md)
+# with FCE trained to restore, warm-started like the baseline above.
+VARIANTS["mfmp_fce_ms1_ws_restore"] = {**VARIANTS["mfmp_fce_ws"], **_RESTORE,
+                                       "model.mask_stage": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +135,10 @@ TABLES: dict[int, Table] = {
         ("Baseline + restoration", "baseline_restore", None),
         ("+ MFMP + FCE", "mfmp_fce", _PAPER_MFMP_FCE),
         ("+ MFMP + FCE + restoration", "mfmp_fce_restore", None),
+        ("Baseline, warm-started", "baseline_ws", None),
+        ("Baseline, warm-started + restoration", "baseline_ws_restore", None),
+        ("+ MFMP (stage-1 masks) + FCE, warm-started + restoration",
+         "mfmp_fce_ms1_ws_restore", None),
     )),
 }
 # Config fields a study run may not change between invocations: unlike a
