@@ -1,6 +1,9 @@
 """Restoration training: the rendered flare, the flared copies, their losses."""
 
 import functools
+import json
+import os
+import tempfile
 
 from absl.testing import absltest
 import jax
@@ -8,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import tiny
+from facenet_jax import checkpointing
 from facenet_jax import flare_render
 from facenet_jax import losses
 from facenet_jax import train
@@ -110,6 +114,21 @@ class CopiesTest(absltest.TestCase):
         batch, train.restore_config(config), jax.random.key(0))
     np.testing.assert_array_equal(src[:5], [3, 4, 5, 6, 7])
     np.testing.assert_array_equal(valid, [True] * 5 + [False] * 3)
+
+  def test_runs_from_before_restoration_read_as_off(self):
+    config = tiny.get_config()
+    saved = checkpointing.config_to_dict(config)
+    del saved["restore"]
+    old = tempfile.mkdtemp()
+    with open(os.path.join(old, checkpointing.CONFIG_FILE), "w") as f:
+      json.dump(saved, f)
+    self.assertEqual(checkpointing.load_config(old).restore.copies, 0)
+    # Resuming or evaluating such a run under today's config is no mismatch.
+    checkpointing.check_config(old, config, has_state=True, write=False)
+    config.restore.copies = 2
+    with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
+                                "restore.copies"):
+      checkpointing.check_config(old, config, has_state=True, write=False)
 
   def test_bad_restore_fields_are_named(self):
     config = tiny.get_config()
