@@ -76,7 +76,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 MASK_VARIANTS = (("MFMP (w/o FMI) + FCE", "w/o FMI", "mfmp_nofmi_fce"),
                  ("MFMP + FCE", "with FMI", "mfmp_fce"),
                  ("FACENet", "FACENet", "facenet"),
-                 ("FACENet, warm-started", "FACENet ws", "facenet_ws"))
+                 ("FACENet, warm-started", "FACENet ws", "facenet_ws"),
+                 ("MFMP + FCE + restoration", "restoration",
+                  "mfmp_fce_restore"),
+                 ("MFMP (stage-1 masks) + FCE, ws + restoration",
+                  "stage 1, ws, restoration", "mfmp_fce_ms1_ws_restore"))
 FIGURE_FILE = "mask_figure.png"
 FIGURE_EXAMPLES = 4
 WALL_TIME_FILE = "wall_time.json"
