@@ -330,7 +330,8 @@ class ScriptTest(absltest.TestCase):
     super().setUp()
     tmp = absltest.get_default_test_tmpdir()
     self.root = os.path.join(tmp, "script_study")
-    self.data_dir = os.path.join(tmp, "script_tfds")
+    # The prepared synthetic_flare/tiny that the other test modules share.
+    self.data_dir = os.path.join(tmp, "tfds")
     shutil.rmtree(self.root, ignore_errors=True)
 
   def test_quick_dry_run_lists_table_2_with_one_seed(self):

@@ -569,7 +569,8 @@ class EndToEndTest(absltest.TestCase):
     weights = os.path.join(root, "vit_micro8.safetensors")
     safetensors.numpy.save_file(timm_state_dict(MICRO, (4, 4)), weights)
     config = tiny.get_config()
-    config.data_dir = os.path.join(root, "tfds")
+    # The prepared synthetic_flare/tiny that the other test modules share.
+    config.data_dir = os.path.join(absltest.get_default_test_tmpdir(), "tfds")
     config.model.backbone = "vit_micro8"
     config.model.pretrained = weights
     config.model.drop_path = 0.1
