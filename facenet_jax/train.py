@@ -299,24 +299,24 @@ def with_flared_copies(batch: Mapping[str, jax.Array], restore: RestoreConfig,
   order = jnp.argsort(jnp.sum(flare, axis=-1), stable=True)
   src = order[:restore.copies]
   valid = jnp.sum(flare[src], axis=-1) == 0
-  raw = {}
-  for i, m in enumerate(MODALITIES):
-    mean = jnp.asarray(restore.mean[i], jnp.float32)
-    std = jnp.asarray(restore.std[i], jnp.float32)
-    raw[m] = (batch[m][src], mean, std)
+  # (modality, channel) normalisation, rows in MODALITIES order.
+  mean = jnp.asarray(restore.mean, jnp.float32)
+  std = jnp.asarray(restore.std, jnp.float32)
+  row = {m: i for i, m in enumerate(MODALITIES)}
+  sources = {m: batch[m][src] for m in MODALITIES}
   rendered = flare_render.add_flare(
-      key, *(raw[m][0] * raw[m][2] + raw[m][1] for m in FLARE_MODALITIES),
+      key, *(sources[m] * std[row[m]] + mean[row[m]] for m in FLARE_MODALITIES),
       pixel_low=restore.pixel_low, ratio_threshold=restore.ratio_threshold)
-  copies = {"rgb": rendered.rgb, "ni": rendered.ni}
+  flared = {"rgb": rendered.rgb, "ni": rendered.ni}
   out = {}
   for m in MODALITIES:
-    image, mean, std = raw[m]
-    copy = (copies[m] - mean) / std if m in copies else image
+    copy = ((flared[m] - mean[row[m]]) / std[row[m]] if m in flared
+            else sources[m])
     out[m] = jnp.concatenate([batch[m], copy.astype(batch[m].dtype)])
   out["flare"] = jnp.concatenate([flare, rendered.flare])
-  out["label"] = jnp.concatenate([batch["label"], batch["label"][src]])
-  if "camid" in batch:
-    out["camid"] = jnp.concatenate([batch["camid"], batch["camid"][src]])
+  for k in ("label", "camid"):
+    if k in batch:
+      out[k] = jnp.concatenate([batch[k], batch[k][src]])
   if "saturation" in batch:
     out["saturation"] = jnp.concatenate(
         [batch["saturation"], rendered.saturation])

@@ -17,11 +17,11 @@ every row alike:
 
 FACENet's modules have no PyTorch twin here, so with --torch a config that
 uses them is also measured as its baseline (use_mfmp, use_fce off, no
-modality loss, no restoration copies), and the JAX/PyTorch ratio compares the baseline rows.
-TFLOP/s divide XLA's FLOP count of the compiled step (a multiply-add is 2
-FLOPs) by its time; "% peak" compares them with the dense bf16 peak of the
-device kind where the table below knows it (accelerators; run with
---config.model.dtype=bfloat16 there).
+modality loss, no restoration copies), and the JAX/PyTorch ratio compares
+the baseline rows. TFLOP/s divide XLA's FLOP count of the compiled step (a
+multiply-add is 2 FLOPs) by its time; "% peak" compares them with the dense
+bf16 peak of the device kind where the table below knows it (accelerators;
+run with --config.model.dtype=bfloat16 there).
 
   python scripts/benchmark_train.py --torch
   python scripts/benchmark_train.py --config configs/experiments.py
