@@ -237,4 +237,12 @@ def get_config() -> ml_collections.ConfigDict:
   # checkpoint, tabulated in WORKDIR/missing_modality.md.
   config.eval.missing = "none"
   config.eval.missing_in = "both"
+  # Beyond the paper: a flare of facenet_jax/flare_render.py's family (not
+  # synthetic_flare's, and not seen in training unless restore.copies > 0)
+  # rendered onto the RGB and NI images of the "query", the "gallery" or
+  # "both" at evaluation, keyed by rendered_flare_seed and each image's
+  # index: ranking under flare the model was not trained on. Its results go
+  # to eval_results_rendered-flare-<side>.json. "none" (default): as is.
+  config.eval.rendered_flare = "none"
+  config.eval.rendered_flare_seed = 0
   return config

@@ -49,7 +49,8 @@ RESUMABLE_FIELDS = ("num_epochs", "num_train_steps", "log_every_steps",
 # fields are filled in; anything else is a top-level field.
 ADDED_FIELDS = {"preprocess": {"clahe": False, "clahe_clip_limit": 0.01},
                 "eval": {"split": "test", "missing": "none",
-                         "missing_in": "both"},
+                         "missing_in": "both", "rendered_flare": "none",
+                         "rendered_flare_seed": 0},
                 # Runs from before the mask-supervising SMP used its first
                 # reading, a separate SMP head, and nothing beyond the paper.
                 "model": {"init_from": "", "smp": "head",

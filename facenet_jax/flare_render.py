@@ -9,7 +9,9 @@ family of its own, deliberately unlike synthetic_flare's generator
 streaks, sun discs with rays and ghosts): one or two rotated anisotropic
 super-Gaussian blobs with flat saturated cores, a random tint, a faint veil
 over the frame and independent RGB / NI gains. A method trained against
-these is not trained against the evaluation's flare.
+these is not trained against the evaluation's flare. The same family is
+what `config.eval.rendered_flare` renders onto evaluation images, to rank
+under a flare that a model not trained with restoration has never seen.
 
 Everything is a pure function of a key, jittable, on raw images in [0, 1]
 (NHWC, 3 channels; NI is stored as three equal channels).
@@ -111,9 +113,17 @@ def add_flare(key: Array, rgb: Array, ni: Array, pixel_low: int = 250,
   Returns:
     RenderedFlare.
   """
-  n, height, width = rgb.shape[:3]
+  return add_flare_each(jax.random.split(key, rgb.shape[0]), rgb, ni,
+                        pixel_low, ratio_threshold)
+
+
+def add_flare_each(keys: Array, rgb: Array, ni: Array, pixel_low: int = 250,
+                   ratio_threshold: float = 0.1) -> RenderedFlare:
+  """add_flare with one key per image pair (keys (n,)), so that an image's
+  flare does not depend on the other images it is rendered with."""
+  height, width = rgb.shape[1:3]
   layer, tint, gains = jax.vmap(
-      lambda k: flare_layer(k, height, width))(jax.random.split(key, n))
+      lambda k: flare_layer(k, height, width))(keys)
   layer = layer[..., None]
   # Light only adds, and saturates at 1; pixels outside [0, 1] (random
   # erasing draws such values) are left as they are where nothing is added.

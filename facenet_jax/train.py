@@ -1145,6 +1145,60 @@ def missing_side(config: ml_collections.ConfigDict) -> str:
   return side
 
 
+# config.eval.rendered_flare (beyond the paper): the side(s) of the ranking
+# whose RGB and NI images get a flare of flare_render's family (the one
+# restoration training renders; neither synthetic_flare's generator nor a
+# camera makes it) before they are embedded: how a model ranks under flare
+# that it was not trained on. "none" leaves every image as it is.
+RENDER_SIDES = ("none", "query", "gallery", "both")
+
+
+def rendered_flare_side(config: ml_collections.ConfigDict) -> str:
+  """config.eval.rendered_flare, validated."""
+  side = config.eval.rendered_flare
+  if side not in RENDER_SIDES:
+    raise ValueError(f"config.eval.rendered_flare must be one of "
+                     f"{RENDER_SIDES} (where a flare is rendered onto RGB and "
+                     f"NI at evaluation), got {side!r}")
+  return side
+
+
+def render_key(config: ml_collections.ConfigDict, split: str) -> np.ndarray:
+  """The raw key (uint32 (2,)) of a split's rendered flares.
+
+  Query and gallery splits draw from different streams, so that no query
+  gets the same flare as a gallery image of the same index; an image's own
+  flare is then keyed by its index (render_eval_flare).
+  """
+  side = 2 if "gallery" in split else 1
+  return np.asarray(jax.random.fold_in(
+      jax.random.PRNGKey(config.eval.rendered_flare_seed), side))
+
+
+def render_eval_flare(batch: Mapping[str, jax.Array], key: jax.Array,
+                      config: ml_collections.ConfigDict) -> dict:
+  """The eval batch with a rendered flare on every RGB and NI image.
+
+  The images are normalised, as the pipeline gives them: the flare is added
+  to the raw pixels (flare_render.add_flare_each, one key per example index)
+  and the result normalised again. The flare pseudo-labels become those of
+  the rendered images, at the network's input size; the original image's
+  own flare, if it had one, stays under the rendered one.
+  """
+  mean, std = (jnp.asarray(v, jnp.float32) for v in normalization(config))
+  row = {m: i for i, m in enumerate(MODALITIES)}
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(batch["index"])
+  raw = (batch[m] * std[row[m]] + mean[row[m]] for m in FLARE_MODALITIES)
+  rendered = flare_render.add_flare_each(
+      keys, *raw, pixel_low=config.flare.pixel_low,
+      ratio_threshold=config.flare.ratio_threshold)
+  out = dict(batch)
+  for m, image in zip(FLARE_MODALITIES, (rendered.rgb, rendered.ni)):
+    out[m] = ((image - mean[row[m]]) / std[row[m]]).astype(batch[m].dtype)
+  out["flare"] = rendered.flare.astype(batch["flare"].dtype)
+  return out
+
+
 def missing_sets(
     config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], ...]:
   """The missing-modality sets config.eval asks for, both fields validated.
@@ -1161,6 +1215,7 @@ def missing_sets(
 def _check_missing_for_training(config: ml_collections.ConfigDict) -> None:
   # Before training, not after it: a training run evaluates one set.
   missing_sets(config)
+  rendered_flare_side(config)
   if _is_sweep(config.eval.missing):
     raise ValueError(
         "config.eval.missing='all' sweeps the missing-modality sets of a "
@@ -1223,7 +1278,7 @@ def blank_inputs(batch: Mapping[str, jax.Array],
 
 
 def embedding_function(config: ml_collections.ConfigDict, model: FACENet,
-                       sharding: Sharding) -> Callable:
+                       sharding: Sharding, render: bool = False) -> Callable:
   """extract's jitted (variables, batch, keep) -> (embedding, metadata).
 
   What is fed (`keep`, from input_keep) is an input, not a constant, so one
@@ -1231,12 +1286,18 @@ def embedding_function(config: ml_collections.ConfigDict, model: FACENet,
   The metadata goes through the same jit with replicated outputs: that is the
   all-gather that gives every process every example on multiple hosts. It
   holds the real "flare" labels and the "flare_input" fed.
+
+  With `render`, a flare is rendered onto RGB and NI first
+  (render_eval_flare, keyed by keep["render_key"]); missing modalities are
+  blanked after that.
   """
   embed = functools.partial(embed_step, model=model,
                             flip_average=config.eval.flip_average)
 
   def run(variables, batch, keep):
-    fed = blank_inputs(batch, keep)
+    seen = render_eval_flare(batch, keep["render_key"], config) if render \
+        else batch
+    fed = blank_inputs(seen, keep)
     metadata = {k: batch[k] for k in EVAL_METADATA}
     metadata["flare_input"] = fed["flare"]
     return embed(variables, fed), metadata
@@ -1251,7 +1312,8 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
             console: console_lib.Console = console_lib.SILENT,
             missing: Sequence[str] = (),
             embed_fn: Optional[Callable] = None,
-            data: Optional[pipeline.SplitData] = None) -> dict:
+            data: Optional[pipeline.SplitData] = None,
+            render: bool = False) -> dict:
   """Embeddings and metadata of one split, every example exactly once.
 
   Args:
@@ -1269,6 +1331,8 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
       compilation between calls; built here when None.
     data: split_data(config, split), for a caller that holds it already;
       loaded here when None.
+    render: render a flare onto every RGB and NI image first
+      (render_eval_flare); embed_fn must then be built with render=True.
 
   Returns:
     "embedding" (N, 3D) and the EVAL_METADATA fields, in split order.
@@ -1286,8 +1350,11 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
         f"0-{model.num_cameras - 1} only")
   mean, std = normalization(config)
   if embed_fn is None:
-    embed_fn = embedding_function(config, model, sharding)
-  keep = put_replicated(input_keep(missing, zero_flare), sharding.replicated)
+    embed_fn = embedding_function(config, model, sharding, render=render)
+  keep = input_keep(missing, zero_flare)
+  if render:
+    keep["render_key"] = render_key(config, split)
+  keep = put_replicated(keep, sharding.replicated)
   # Round the batch up to a multiple of the devices; padding is masked out.
   batch_size = -(-config.eval_batch_size // sharding.mesh.size) * (
       sharding.mesh.size)
@@ -1296,7 +1363,8 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
   num_batches = pipeline.num_eval_batches(data.num_examples, local_batch,
                                           jax.process_count())
   desc = f"embed {split} ({data.num_examples})" + (
-      f" without {missing_label(missing)}" if missing else "")
+      f" without {missing_label(missing)}" if missing else "") + (
+          " with rendered flare" if render else "")
   with console.progress(num_batches, desc, unit="batch") as bar:
     for b, local in enumerate(pipeline.eval_batches(
         data, batch_size=local_batch,
@@ -1327,19 +1395,23 @@ def rank(config: ml_collections.ConfigDict, query: dict,
 
 
 def results_file(split: str, missing: Sequence[str] = (),
-                 side: str = "both") -> str:
+                 side: str = "both", rendered: str = "none") -> str:
   """The name of the results file of one evaluation, in the workdir.
 
   eval_results.json (test) / eval_results_val.json (val) with every
   modality: the files the study driver reads. A missing set writes
   eval_results_missing-<m>[+<m>]_<side>[_val].json, so that it never
-  overwrites them (e.g. eval_results_missing-rgb+ni_both.json).
+  overwrites them (e.g. eval_results_missing-rgb+ni_both.json); a rendered
+  flare (config.eval.rendered_flare) adds _rendered-flare-<side> before
+  the split's suffix (eval_results_rendered-flare-query_val.json).
   """
   name = checkpointing.EVAL_RESULTS_FILE
+  stem, ext = os.path.splitext(name)
   if missing:
-    stem, ext = os.path.splitext(name)
-    name = f"{stem}_missing-{'+'.join(missing)}_{side}{ext}"
-  return checkpointing.split_file(name, split)
+    stem += f"_missing-{'+'.join(missing)}_{side}"
+  if rendered != "none":
+    stem += f"_rendered-flare-{rendered}"
+  return checkpointing.split_file(stem + ext, split)
 
 
 def _sweep_file(name: str, split: str, side: str) -> str:
@@ -1356,25 +1428,34 @@ def results_path(config: ml_collections.ConfigDict, workdir: str) -> str:
     name = _sweep_file(MISSING_TABLE_FILE, config.eval.split, side)
   else:
     name = results_file(config.eval.split, parse_missing(config.eval.missing),
-                        side)
+                        side, rendered_flare_side(config))
   return os.path.join(workdir, name)
 
 
 def _evaluate_set(config: ml_collections.ConfigDict, workdir: str,
                   model: FACENet, state: TrainState, sharding: Sharding,
-                  missing: tuple[str, ...], side: str, embed_fn: Callable,
+                  missing: tuple[str, ...], side: str, embed_fn: dict,
                   console: console_lib.Console) -> dict:
-  """Ranks one missing set (() = every modality) and writes its results file."""
+  """Ranks one missing set (() = every modality) and writes its results file.
+
+  embed_fn: {render: embedding_function(..., render)}, filled here as the
+  sides of config.eval.rendered_flare need them, so that a sweep compiles
+  each once.
+  """
   query_split, gallery_split = eval_splits(config)
   lacks = missing_by_side(missing, side)
+  rendered = rendered_flare_side(config)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   start = time.time()
-  query = extract(config, model, variables, query_split, sharding,
-                  console=console, missing=lacks["query"], embed_fn=embed_fn)
-  gallery = extract(config, model, variables, gallery_split, sharding,
-                    console=console, missing=lacks["gallery"],
-                    embed_fn=embed_fn)
-  results = rank(config, query, gallery)
+  embedded = {}
+  for part, split in (("query", query_split), ("gallery", gallery_split)):
+    render = rendered in (part, "both")
+    if render not in embed_fn:
+      embed_fn[render] = embedding_function(config, model, sharding, render)
+    embedded[part] = extract(config, model, variables, split, sharding,
+                             console=console, missing=lacks[part],
+                             embed_fn=embed_fn[render], render=render)
+  results = rank(config, embedded["query"], embedded["gallery"])
   results["step"] = int(to_host(state.step))
   results["dataset"] = config.dataset
   results["split"] = config.eval.split
@@ -1382,12 +1463,13 @@ def _evaluate_set(config: ml_collections.ConfigDict, workdir: str,
   # Nothing is blanked anywhere when nothing is missing: the full-modality
   # file does not depend on an eval.missing_in that has no effect.
   results["missing_in"] = side if missing else "none"
+  results["rendered_flare"] = rendered
   logging.info("Evaluated step %d on %s/%s in %.1fs: %s", results["step"],
                query_split, gallery_split, time.time() - start,
                json.dumps(results))
   if jax.process_index() == 0:
     path = os.path.join(workdir, results_file(config.eval.split, missing,
-                                              side))
+                                              side, rendered))
     with open(path, "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)
   return results
@@ -1414,12 +1496,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: FACENet,
   (missing,) = missing_sets(config)
   side = missing_side(config)
   results = _evaluate_set(config, workdir, model, state, sharding, missing,
-                          side, embedding_function(config, model, sharding),
-                          console)
+                          side, {}, console)
   query_split, gallery_split = eval_splits(config)
-  without = (f", without {missing_label(missing)} in the "
-             f"{'query and gallery' if side == 'both' else side}"
+  sides = lambda s: "query and gallery" if s == "both" else s
+  without = (f", without {missing_label(missing)} in the {sides(side)}"
              if missing else "")
+  rendered = rendered_flare_side(config)
+  if rendered != "none":
+    without += f", rendered flare on the {sides(rendered)}"
   console.print(f"\n{config.dataset} {config.eval.split} split "
                 f"({query_split} vs {gallery_split}), step {results['step']}"
                 f"{without}, percentages:")
@@ -1471,7 +1555,7 @@ def evaluate_missing_sweep(
     results of every set, in MISSING_SWEEP order.
   """
   side = missing_side(config)
-  embed_fn = embedding_function(config, model, sharding)
+  embed_fn = {}
   rows = [_evaluate_set(config, workdir, model, state, sharding, missing,
                         side, embed_fn, console)
           for missing in MISSING_SWEEP]
@@ -1528,7 +1612,9 @@ def evaluate_checkpoint(
   config.eval.missing="all" restores once and sweeps every missing set
   (evaluate_missing_sweep, whose summary it returns).
   """
-  sets = missing_sets(config)  # Config errors before the checkpoint is read.
+  # Config errors before the checkpoint is read.
+  sets = missing_sets(config)
+  rendered_flare_side(config)
   model, state, sharding = restore_for_eval(config, workdir, step)
   what = (f"with each of the {len(sets)} missing-modality sets "
           if len(sets) > 1 else "")

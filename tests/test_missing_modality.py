@@ -222,6 +222,33 @@ class SweepTest(absltest.TestCase):
     with open(os.path.join(self.workdir, "eval_results.json")) as f:
       self.assertEqual(json.load(f)["missing"], "none")
 
+  def test_rendered_flare_on_the_query(self):
+    config = self._config()
+    config.eval.rendered_flare = "query"
+    results = train.evaluate_checkpoint(config, self.workdir)
+    path = os.path.join(self.workdir,
+                        "eval_results_rendered-flare-query.json")
+    self.assertEqual(train.results_path(config, self.workdir), path)
+    with open(path) as f:
+      saved = json.load(f)
+    self.assertEqual(saved, json.loads(json.dumps(results)))
+    self.assertEqual((saved["rendered_flare"], saved["missing"]),
+                     ("query", "none"))
+    self.assertEqual(self.trained["rendered_flare"], "none")
+    # The subsets stay those of the real images.
+    self.assertEqual(saved["flare"]["num_query"],
+                     self.trained["flare"]["num_query"])
+    self.assertNotAlmostEqual(saved["mAP"], self.trained["mAP"], places=6)
+    with open(os.path.join(self.workdir, "eval_results.json")) as f:
+      self.assertEqual(json.load(f)["rendered_flare"], "none")
+    # What the query side was fed: rendered labels; the gallery as it is.
+    model, state, sharding = train.restore_for_eval(config, self.workdir)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    query = train.extract(config, model, variables, "query", sharding,
+                          render=True)
+    self.assertGreater(np.sum(query["flare_input"]),
+                       np.sum(query["flare"]))
+
 
 if __name__ == "__main__":
   absltest.main()
