@@ -74,6 +74,9 @@ VARIANTS.update({f"{v}_restore": {**VARIANTS[v], **_RESTORE}
 # with FCE trained to restore, warm-started like the baseline above.
 VARIANTS["mfmp_fce_ms1_ws_restore"] = {**VARIANTS["mfmp_fce_ws"], **_RESTORE,
                                        "model.mask_stage": 1}
+# The same masks without restoration or warm start (the third study's runs;
+# in no table, for scripts/diagnose_study.py).
+VARIANTS["mfmp_fce_ms1"] = {**_MFMP_FCE, "model.mask_stage": 1}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,15 @@ For each finished run of the chosen variants (the same --config and
     embedding alone, next to the full embedding;
   * for variants with FCE, "FCE off at test": the same checkpoint evaluated
     with every flare pseudo-label set to 0, so no sample's RGB/NI features
-    are replaced by TI features at test time (training is unchanged).
+    are replaced by TI features at test time (training is unchanged);
+  * "rendered flare on the query": every query's RGB and NI images get a
+    flare of facenet_jax/flare_render.py's family (config.eval.rendered_
+    flare=query), which neither the dataset's generator nor training (unless
+    restore.copies > 0) produces: ranking under a flare the model has never
+    seen. Its flare / clean rows are the queries whose real images have /
+    have no flare, so "clean" is the queries whose only flare is the
+    rendered one.
+--probes picks among segments, fce_off and rendered_flare (default: all).
 These are measurements of the final checkpoints, not a model selection: the
 tables of scripts/experiments.py stay what is reported. The markdown goes to
 WORKDIR/diagnostics.md (diagnostics_val.md for the validation split).
@@ -39,12 +47,17 @@ _VARIANTS = flags.DEFINE_list(
     "variants", ["baseline", "mfmp", "mfmp_fce", "facenet"],
     "Variants to diagnose.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+PROBES = ("segments", "fce_off", "rendered_flare")
+_PROBES = flags.DEFINE_multi_enum(
+    "probes", list(PROBES), PROBES,
+    "Probes beside the full embedding: per-stream segments, FCE off at "
+    "test, rendered flare on the query.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 DIAGNOSTICS_FILE = "diagnostics.md"
 
 
-def diagnose_run(config, workdir: str) -> dict:
+def diagnose_run(config, workdir: str, probes=PROBES) -> dict:
   """{probe name: rank_report} for one finished run."""
   model, state, sharding = train.restore_for_eval(config, workdir)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -55,13 +68,19 @@ def diagnose_run(config, workdir: str) -> dict:
                                     sharding)}
   reports = {"full embedding": train.rank(config, split["query"],
                                           split["gallery"])}
-  segments = {s: experiments.modality_segments(split[s]["embedding"],
-                                               MODALITIES) for s in split}
-  for m in MODALITIES:
-    reports[f"{m.upper()} segment only"] = train.rank(
-        config, {**split["query"], "embedding": segments["query"][m]},
-        {**split["gallery"], "embedding": segments["gallery"][m]})
-  if config.model.use_fce:
+  if "segments" in probes:
+    segments = {s: experiments.modality_segments(split[s]["embedding"],
+                                                 MODALITIES) for s in split}
+    for m in MODALITIES:
+      reports[f"{m.upper()} segment only"] = train.rank(
+          config, {**split["query"], "embedding": segments["query"][m]},
+          {**split["gallery"], "embedding": segments["gallery"][m]})
+  if "rendered_flare" in probes:
+    rendered = train.extract(config, model, variables, query_split, sharding,
+                             render=True)
+    reports["rendered flare on the query"] = train.rank(config, rendered,
+                                                        split["gallery"])
+  if config.model.use_fce and "fce_off" in probes:
     off = {s: train.extract(config, model, variables, name, sharding,
                             zero_flare=True)
            for s, name in (("query", query_split),
@@ -92,7 +111,8 @@ def main(argv):
       if experiments.finished_results(workdir, config) is None:
         continue
       print(f"diagnosing {variant} seed {seed}", flush=True)
-      for probe, report in diagnose_run(config, workdir).items():
+      for probe, report in diagnose_run(config, workdir,
+                                        _PROBES.value).items():
         per_probe.setdefault(probe, {})[seed] = report
     for probe, per_seed in per_probe.items():
       cells = []

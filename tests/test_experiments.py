@@ -39,7 +39,8 @@ class VariantsTest(absltest.TestCase):
     self.assertEqual(experiments.variants_of([8]),
                      ["baseline", "facenet", "vit_baseline", "vit_facenet"])
     self.assertLen(variants, 21)
-    self.assertCountEqual(variants, experiments.VARIANTS)
+    # One more is in no table: the diagnostics' stage-1 masks.
+    self.assertCountEqual(variants + ["mfmp_fce_ms1"], experiments.VARIANTS)
 
   def test_warm_started_variants_start_from_the_same_seeds_baseline(self):
     base = tiny.get_config()
@@ -391,7 +392,8 @@ class ScriptTest(absltest.TestCase):
     for row in ("| baseline | full embedding | 1 |",
                 "| baseline | TI segment only | 1 |",
                 "| mfmp_fce | RGB segment only | 1 |",
-                "| mfmp_fce | FCE off at test | 1 |"):
+                "| mfmp_fce | FCE off at test | 1 |",
+                "| mfmp_fce | rendered flare on the query | 1 |"):
       self.assertIn(row, diagnostics)
     self.assertNotIn("| baseline | FCE off at test", diagnostics)
     # The full-embedding probe reproduces the run's own evaluation.
