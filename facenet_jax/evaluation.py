@@ -561,7 +561,8 @@ def ranked_gallery(distmat: np.ndarray, q_pids: np.ndarray,
 
 
 def rank_report(query: dict, gallery: dict, max_rank: int = 50,
-                use_scenes: bool = False, rerank: bool = False) -> dict:
+                use_scenes: bool = False, rerank: bool = False,
+                distmat: Optional[np.ndarray] = None) -> dict:
   """Ranks the gallery for every query: overall, flare and clean queries.
 
   Args:
@@ -571,13 +572,16 @@ def rank_report(query: dict, gallery: dict, max_rank: int = 50,
     max_rank: length of the CMC curve.
     use_scenes: MSVR310 protocol (same id and same scene excluded).
     rerank: apply k-reciprocal re-ranking to the distances first.
+    distmat: (Q, G) distances to rank with instead of the embeddings' (a
+      diagnostic's); rerank does not apply to them.
 
   Returns:
     A JSON-ready dict: mAP, mINP, rank1/5/10, num_query, num_gallery, and
     "flare" / "clean" dicts with the same metrics over the queries whose
     RGB or NI pseudo-label is 1 / whose both are 0.
   """
-  distmat = distance_matrix(query, gallery, rerank)
+  if distmat is None:
+    distmat = distance_matrix(query, gallery, rerank)
   everyone = np.ones(len(query["pid"]), bool)
   flared = np.any(np.asarray(query["flare"]) > 0.5, axis=-1)
   results = _subset_metrics(distmat, query, gallery, everyone, max_rank,

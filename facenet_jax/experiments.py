@@ -463,3 +463,39 @@ def modality_segments(embedding: np.ndarray,
   parts = np.split(embedding, len(modalities), axis=1)
   return {m: p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
           for m, p in zip(modalities, parts)}
+
+
+def flare_weighted_distances(query: Mapping[str, np.ndarray],
+                             gallery: Mapping[str, np.ndarray],
+                             weight: float,
+                             modalities: Sequence[str] = ("rgb", "ni", "ti"),
+                             flared: Sequence[str] = ("rgb", "ni")
+                             ) -> np.ndarray:
+  """(Q, G) distances of the per-stream segments, flared streams weighted.
+
+  d(q, g)^2 = sum_S w_S(q) w_S(g) |q_S - g_S|^2 / sum_S w_S(q) w_S(g) over
+  the L2-normalised segments (modality_segments), where w_S(x) is `weight`
+  when x's flare pseudo-label of stream S (the columns of "flare", in
+  `flared` order) is 1, and 1 otherwise (always for TI). weight = 1 ranks
+  with every segment equally; 0 leaves a flared image's RGB / NI out of
+  every distance it takes part in. A diagnostic: how much identity a
+  flared stream still carries.
+  """
+  segments = [modality_segments(x["embedding"], modalities)
+              for x in (query, gallery)]
+  weights = []
+  for x in (query, gallery):
+    flare = np.asarray(x["flare"]) > 0.5
+    weights.append({m: np.where(flare[:, flared.index(m)], weight, 1.0)
+                    if m in flared else np.ones(len(flare))
+                    for m in modalities})
+  num = np.zeros((len(query["flare"]), len(gallery["flare"])))
+  den = np.zeros_like(num)
+  for m in modalities:
+    w = np.outer(weights[0][m], weights[1][m])
+    # Unit vectors: |q - g|^2 = 2 - 2 q.g.
+    square = np.maximum(2.0 - 2.0 * segments[0][m].astype(np.float64) @
+                        segments[1][m].astype(np.float64).T, 0.0)
+    num += w * square
+    den += w
+  return np.sqrt(num / np.maximum(den, 1e-12)).astype(np.float32)

@@ -1386,12 +1386,12 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
 
 
 def rank(config: ml_collections.ConfigDict, query: dict,
-         gallery: dict) -> dict:
+         gallery: dict, distmat: Optional[np.ndarray] = None) -> dict:
   """evaluation.rank_report with the dataset's protocol and eval settings."""
   return evaluation.rank_report(
       query, gallery, max_rank=config.eval.max_rank,
       use_scenes=config.dataset in MSVR_SCENE_DATASETS,
-      rerank=config.eval.rerank)
+      rerank=config.eval.rerank, distmat=distmat)
 
 
 def results_file(split: str, missing: Sequence[str] = (),

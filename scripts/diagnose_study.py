@@ -19,7 +19,13 @@ For each finished run of the chosen variants (the same --config and
     seen. Its flare / clean rows are the queries whose real images have /
     have no flare, so "clean" is the queries whose only flare is the
     rendered one.
---probes picks among segments, fce_off and rendered_flare (default: all).
+  * "flared streams at weight w" (w = 0.5, 0): the full network, ranked
+    with the segments' distances re-weighted so that a flared image's RGB /
+    NI segment counts w times (experiments.flare_weighted_distances): how
+    much identity a flared stream still carries, next to "equal segments"
+    (w = 1, every segment L2-normalised and weighted alike).
+--probes picks among segments, fce_off, rendered_flare and flare_weighting
+(default: all).
 These are measurements of the final checkpoints, not a model selection: the
 tables of scripts/experiments.py stay what is reported. The markdown goes to
 WORKDIR/diagnostics.md (diagnostics_val.md for the validation split).
@@ -38,7 +44,7 @@ import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
 from facenet_jax import checkpointing  # noqa: E402
 from facenet_jax import experiments  # noqa: E402
 from facenet_jax import train  # noqa: E402
-from facenet_jax.constants import MODALITIES  # noqa: E402
+from facenet_jax.constants import FLARE_MODALITIES, MODALITIES  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The study's base configuration.", lock_config=True)
@@ -47,11 +53,12 @@ _VARIANTS = flags.DEFINE_list(
     "variants", ["baseline", "mfmp", "mfmp_fce", "facenet"],
     "Variants to diagnose.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
-PROBES = ("segments", "fce_off", "rendered_flare")
+PROBES = ("segments", "fce_off", "rendered_flare", "flare_weighting")
+FLARE_WEIGHTS = (1.0, 0.5, 0.0)
 _PROBES = flags.DEFINE_multi_enum(
     "probes", list(PROBES), PROBES,
     "Probes beside the full embedding: per-stream segments, FCE off at "
-    "test, rendered flare on the query.")
+    "test, rendered flare on the query, flared streams re-weighted.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 DIAGNOSTICS_FILE = "diagnostics.md"
@@ -75,6 +82,15 @@ def diagnose_run(config, workdir: str, probes=PROBES) -> dict:
       reports[f"{m.upper()} segment only"] = train.rank(
           config, {**split["query"], "embedding": segments["query"][m]},
           {**split["gallery"], "embedding": segments["gallery"][m]})
+  if "flare_weighting" in probes:
+    for w in FLARE_WEIGHTS:
+      name = ("equal segments" if w == 1 else
+              f"flared streams at weight {w:g}")
+      reports[name] = train.rank(
+          config, split["query"], split["gallery"],
+          distmat=experiments.flare_weighted_distances(
+              split["query"], split["gallery"], w, MODALITIES,
+              FLARE_MODALITIES))
   if "rendered_flare" in probes:
     rendered = train.extract(config, model, variables, query_split, sharding,
                              render=True)

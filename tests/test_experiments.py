@@ -194,6 +194,36 @@ class SegmentsTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "3 \\* D"):
       experiments.modality_segments(np.zeros((2, 5)), ("rgb", "ni", "ti"))
 
+  def test_flare_weighted_distances(self):
+    rng = np.random.default_rng(0)
+    query = {"embedding": rng.normal(size=(3, 6)),
+             "flare": np.array([[1, 0], [0, 0], [1, 1]], np.float32)}
+    gallery = {"embedding": rng.normal(size=(4, 6)),
+               "flare": np.array([[0, 0], [0, 1], [1, 0], [0, 0]],
+                                 np.float32)}
+    seg = [experiments.modality_segments(x["embedding"], ("rgb", "ni", "ti"))
+           for x in (query, gallery)]
+    square = {m: ((seg[0][m][:, None] - seg[1][m][None]) ** 2).sum(-1)
+              for m in ("rgb", "ni", "ti")}
+    # Weight 1: every segment alike.
+    equal = experiments.flare_weighted_distances(query, gallery, 1.0)
+    np.testing.assert_allclose(equal ** 2, sum(square.values()) / 3,
+                               rtol=1e-5)
+    # Weight 0: query 0's RGB (flared) is out of all its distances; with
+    # gallery 1 (NI flared) only TI is left.
+    none = experiments.flare_weighted_distances(query, gallery, 0.0)
+    np.testing.assert_allclose(none[0, 0] ** 2,
+                               (square["ni"][0, 0] + square["ti"][0, 0]) / 2,
+                               rtol=1e-5)
+    np.testing.assert_allclose(none[0, 1] ** 2, square["ti"][0, 1], rtol=1e-5)
+    # Query 1 and gallery 0 have no flare: as with weight 1.
+    np.testing.assert_allclose(none[1, 0], equal[1, 0], rtol=1e-5)
+    half = experiments.flare_weighted_distances(query, gallery, 0.5)
+    np.testing.assert_allclose(
+        half[2, 2] ** 2,
+        (0.25 * square["rgb"][2, 2] + 0.5 * square["ni"][2, 2] +
+         square["ti"][2, 2]) / 1.75, rtol=1e-5)
+
 
 class RunStudyTest(absltest.TestCase):
 
@@ -393,7 +423,9 @@ class ScriptTest(absltest.TestCase):
                 "| baseline | TI segment only | 1 |",
                 "| mfmp_fce | RGB segment only | 1 |",
                 "| mfmp_fce | FCE off at test | 1 |",
-                "| mfmp_fce | rendered flare on the query | 1 |"):
+                "| mfmp_fce | rendered flare on the query | 1 |",
+                "| baseline | equal segments | 1 |",
+                "| mfmp_fce | flared streams at weight 0 | 1 |"):
       self.assertIn(row, diagnostics)
     self.assertNotIn("| baseline | FCE off at test", diagnostics)
     # The full-embedding probe reproduces the run's own evaluation.
