@@ -582,6 +582,12 @@ def rank_report(query: dict, gallery: dict, max_rank: int = 50,
   """
   if distmat is None:
     distmat = distance_matrix(query, gallery, rerank)
+  else:
+    rerank = False  # Given distances are ranked as they are.
+    expected = (len(query["pid"]), len(gallery["pid"]))
+    if np.shape(distmat) != expected:
+      raise ValueError(f"distmat must be (queries, gallery) {expected}, got "
+                       f"{np.shape(distmat)}")
   everyone = np.ones(len(query["pid"]), bool)
   flared = np.any(np.asarray(query["flare"]) > 0.5, axis=-1)
   results = _subset_metrics(distmat, query, gallery, everyone, max_rank,

@@ -99,6 +99,54 @@ def load_eval_split_with_masks(dataset: str, split: str,
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+# The rendered flare's ground truth, as synthetic_flare defines its own: the
+# pixels it saturated where it added at least this much light ([0, 1] units).
+RENDERED_MIN_LIGHT = 0.05
+
+
+def with_rendered_flare(data: Mapping[str, np.ndarray], seed: int = 0,
+                        pixel_low: int = 250,
+                        batch_size: int = 256) -> dict:
+  """`data` with a flare of flare_render's family on every RGB / NI image.
+
+  The flare is not synthetic_flare's (see facenet_jax/flare_render.py), so
+  masks scored on it are scored on a flare their training never showed
+  (unless restore.copies > 0). Image i gets the flare of key
+  fold_in(PRNGKey(seed), i); the ground truth becomes the pixels the
+  rendered flare saturated (a channel >= pixel_low where it added at least
+  RENDERED_MIN_LIGHT), and flare_ratio the rendered images' share of
+  saturated channel values, from which the pseudo-labels follow.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from facenet_jax import flare_render
+  n = len(data["pid"])
+  key = jax.random.PRNGKey(seed)
+  render = jax.jit(lambda idx, rgb, ni: flare_render.add_flare_each(
+      jax.vmap(lambda i: jax.random.fold_in(key, i))(idx), rgb, ni,
+      pixel_low=pixel_low))
+  out = dict(data)
+  parts = {k: [] for k in ("rgb", "ni", "gt_rgb", "gt_ni", "flare_ratio")}
+  for start in range(0, n, batch_size):
+    # Pad the last chunk so that one shape is compiled.
+    idx = np.minimum(np.arange(start, start + batch_size), n - 1)
+    raw = {m: data[m][idx].astype(np.float32) / 255.0
+           for m in FLARE_MODALITIES}
+    rendered = render(idx.astype(np.int32), raw["rgb"], raw["ni"])
+    keep = slice(0, min(n, start + batch_size) - start)
+    for m, image in zip(FLARE_MODALITIES, (rendered.rgb, rendered.ni)):
+      image8 = np.round(np.asarray(image)[keep] * 255.0).astype(np.uint8)
+      light = (np.asarray(image)[keep] - raw[m][keep]).max(axis=-1)
+      parts[m].append(image8)
+      parts[f"gt_{m}"].append(((image8.max(axis=-1) >= pixel_low) &
+                               (light >= RENDERED_MIN_LIGHT)).astype(np.uint8))
+    parts["flare_ratio"].append(
+        np.asarray(rendered.saturation)[keep].mean(axis=(1, 2)))
+  for k, v in parts.items():
+    out[k] = np.concatenate(v)
+  out["flare_ratio"] = out["flare_ratio"].astype(np.float32)
+  return out
+
+
 def gt_at_resolution(gt: np.ndarray, size: Sequence[int],
                      min_fraction: float = 0.5) -> np.ndarray:
   """Area-pooled ground truth: (N, H, W) {0, 1} -> (N, h, w) bool.

@@ -1160,6 +1160,11 @@ def rendered_flare_side(config: ml_collections.ConfigDict) -> str:
     raise ValueError(f"config.eval.rendered_flare must be one of "
                      f"{RENDER_SIDES} (where a flare is rendered onto RGB and "
                      f"NI at evaluation), got {side!r}")
+  if side != "none" and config.preprocess.clahe:
+    raise ValueError(
+        f"config.eval.rendered_flare={side!r} with preprocess.clahe: the "
+        "flare would be rendered onto the CLAHE-enhanced images, not "
+        "enhanced with them; evaluate a run without CLAHE")
   return side
 
 
@@ -1181,9 +1186,10 @@ def render_eval_flare(batch: Mapping[str, jax.Array], key: jax.Array,
 
   The images are normalised, as the pipeline gives them: the flare is added
   to the raw pixels (flare_render.add_flare_each, one key per example index)
-  and the result normalised again. The flare pseudo-labels become those of
-  the rendered images, at the network's input size; the original image's
-  own flare, if it had one, stays under the rendered one.
+  and the result normalised again. An image is fed as flared where it was
+  (the real pseudo-label) or where the rendered image is, measured at the
+  network's input size; the original image's own flare, if it had one,
+  stays under the rendered one.
   """
   mean, std = (jnp.asarray(v, jnp.float32) for v in normalization(config))
   row = {m: i for i, m in enumerate(MODALITIES)}
@@ -1195,7 +1201,8 @@ def render_eval_flare(batch: Mapping[str, jax.Array], key: jax.Array,
   out = dict(batch)
   for m, image in zip(FLARE_MODALITIES, (rendered.rgb, rendered.ni)):
     out[m] = ((image - mean[row[m]]) / std[row[m]]).astype(batch[m].dtype)
-  out["flare"] = rendered.flare.astype(batch["flare"].dtype)
+  out["flare"] = jnp.maximum(batch["flare"],
+                             rendered.flare.astype(batch["flare"].dtype))
   return out
 
 
@@ -1332,7 +1339,8 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
     data: split_data(config, split), for a caller that holds it already;
       loaded here when None.
     render: render a flare onto every RGB and NI image first
-      (render_eval_flare); embed_fn must then be built with render=True.
+      (render_eval_flare); a given embed_fn must then be built with
+      render=True (it is not checked).
 
   Returns:
     "embedding" (N, 3D) and the EVAL_METADATA fields, in split order.
@@ -1414,18 +1422,22 @@ def results_file(split: str, missing: Sequence[str] = (),
   return checkpointing.split_file(stem + ext, split)
 
 
-def _sweep_file(name: str, split: str, side: str) -> str:
+def _sweep_file(name: str, split: str, side: str,
+                rendered: str = "none") -> str:
+  stem, ext = os.path.splitext(name)
   if side != "both":
-    stem, ext = os.path.splitext(name)
-    name = f"{stem}_{side}{ext}"
-  return checkpointing.split_file(name, split)
+    stem += f"_{side}"
+  if rendered != "none":
+    stem += f"_rendered-flare-{rendered}"
+  return checkpointing.split_file(stem + ext, split)
 
 
 def results_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Where an evaluation of config writes its results (the sweep: its table)."""
   side = missing_side(config)
   if _is_sweep(config.eval.missing):
-    name = _sweep_file(MISSING_TABLE_FILE, config.eval.split, side)
+    name = _sweep_file(MISSING_TABLE_FILE, config.eval.split, side,
+                       rendered_flare_side(config))
   else:
     name = results_file(config.eval.split, parse_missing(config.eval.missing),
                         side, rendered_flare_side(config))
@@ -1519,8 +1531,12 @@ def missing_modality_table(sweep: Mapping[str, Any]) -> str:
   """A sweep (evaluate_missing_sweep) as a markdown table of percentages."""
   where = {"both": "the query and the gallery", "query": "the query only",
            "gallery": "the gallery only"}[sweep["missing_in"]]
+  rendered = sweep.get("rendered_flare", "none")
+  flare = ("" if rendered == "none" else
+           f", with a rendered flare on the "
+           f"{'query and gallery' if rendered == 'both' else rendered}")
   lines = [
-      f"Missing modalities blanked in {where}: {sweep['dataset']}, "
+      f"Missing modalities blanked in {where}{flare}: {sweep['dataset']}, "
       f"{sweep['split']} split, step {sweep['step']}; percentages. flare / "
       "clean: the queries whose real RGB or NI image has flare / neither "
       "has.",
@@ -1559,15 +1575,17 @@ def evaluate_missing_sweep(
   rows = [_evaluate_set(config, workdir, model, state, sharding, missing,
                         side, embed_fn, console)
           for missing in MISSING_SWEEP]
+  rendered = rendered_flare_side(config)
   sweep = {"step": rows[0]["step"], "dataset": config.dataset,
-           "split": config.eval.split, "missing_in": side, "rows": rows}
+           "split": config.eval.split, "missing_in": side,
+           "rendered_flare": rendered, "rows": rows}
   table = missing_modality_table(sweep)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, _sweep_file(
-        MISSING_ROWS_FILE, config.eval.split, side)), "w") as f:
+        MISSING_ROWS_FILE, config.eval.split, side, rendered)), "w") as f:
       json.dump(sweep, f, indent=2, sort_keys=True)
     with open(os.path.join(workdir, _sweep_file(
-        MISSING_TABLE_FILE, config.eval.split, side)), "w") as f:
+        MISSING_TABLE_FILE, config.eval.split, side, rendered)), "w") as f:
       f.write(table)
   console.print("")
   console.print(table.rstrip())
@@ -1614,10 +1632,13 @@ def evaluate_checkpoint(
   """
   # Config errors before the checkpoint is read.
   sets = missing_sets(config)
-  rendered_flare_side(config)
+  rendered = rendered_flare_side(config)
   model, state, sharding = restore_for_eval(config, workdir, step)
   what = (f"with each of the {len(sets)} missing-modality sets "
           if len(sets) > 1 else "")
+  if rendered != "none":
+    what += (f"with a rendered flare on the "
+             f"{'query and gallery' if rendered == 'both' else rendered} ")
   console.print(f"Evaluating step {int(to_host(state.step))} of {workdir} "
                 f"{what}on the {config.eval.split} split; {_devices()}")
   if _is_sweep(config.eval.missing):

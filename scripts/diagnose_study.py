@@ -24,8 +24,14 @@ For each finished run of the chosen variants (the same --config and
     NI segment counts w times (experiments.flare_weighted_distances): how
     much identity a flared stream still carries, next to "equal segments"
     (w = 1, every segment L2-normalised and weighted alike).
---probes picks among segments, fce_off, rendered_flare and flare_weighting
-(default: all).
+  * "rendered_masks" (variants with MFMP, synthetic_flare only): the masks
+    scored as scripts/experiments.py scores them, on the split's images as
+    they are and with every image's RGB and NI rendered flare
+    (mask_quality.with_rendered_flare, whose ground truth is the pixels the
+    rendered flare saturated): does a mask find a flare it was not trained
+    on? A second table, below the first.
+--probes picks among segments, fce_off, rendered_flare, flare_weighting and
+rendered_masks (default: all).
 These are measurements of the final checkpoints, not a model selection: the
 tables of scripts/experiments.py stay what is reported. The markdown goes to
 WORKDIR/diagnostics.md (diagnostics_val.md for the validation split).
@@ -43,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
 from facenet_jax import checkpointing  # noqa: E402
 from facenet_jax import experiments  # noqa: E402
+from facenet_jax import mask_quality  # noqa: E402
 from facenet_jax import train  # noqa: E402
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES  # noqa: E402
 
@@ -53,12 +60,14 @@ _VARIANTS = flags.DEFINE_list(
     "variants", ["baseline", "mfmp", "mfmp_fce", "facenet"],
     "Variants to diagnose.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
-PROBES = ("segments", "fce_off", "rendered_flare", "flare_weighting")
+PROBES = ("segments", "fce_off", "rendered_flare", "flare_weighting",
+          "rendered_masks")
 FLARE_WEIGHTS = (1.0, 0.5, 0.0)
 _PROBES = flags.DEFINE_multi_enum(
     "probes", list(PROBES), PROBES,
     "Probes beside the full embedding: per-stream segments, FCE off at "
-    "test, rendered flare on the query, flared streams re-weighted.")
+    "test, rendered flare on the query, flared streams re-weighted, masks "
+    "scored under rendered flare.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 DIAGNOSTICS_FILE = "diagnostics.md"
@@ -106,6 +115,42 @@ def diagnose_run(config, workdir: str, probes=PROBES) -> dict:
   return reports
 
 
+def _mask_rows(base, root, seeds) -> list[str]:
+  """Rows of the mask table: each MFMP variant, as is and rendered."""
+  data = mask_quality.load_eval_split_with_masks(
+      base.dataset, base.eval.split, base.dataset_config,
+      base.data_dir or None, base.val_ids)
+  sets = {"as is": data,
+          "rendered flare": mask_quality.with_rendered_flare(
+              data, pixel_low=base.flare.pixel_low)}
+  rows = []
+  for variant in _VARIANTS.value:
+    for name, images in sets.items():
+      per_seed = {}
+      for seed in seeds:
+        config = experiments.variant_config(base, variant, seed, root)
+        workdir = experiments.run_dir(root, variant, seed)
+        if (not config.model.use_mfmp or
+            experiments.finished_results(workdir, config) is None):
+          continue
+        print(f"scoring the masks of {variant} seed {seed} ({name})",
+              flush=True)
+        per_seed[seed] = mask_quality.score_run(config, workdir, images)
+      if not per_seed:
+        continue
+      cells = []
+      for m in FLARE_MODALITIES:
+        for key in ("iou", "iou_all_ones"):
+          cells.append(experiments.cell(experiments.mean_std(
+              [100 * r[m][key] for r in per_seed.values()])))
+      for key in ("coverage_flare", "coverage_clean"):
+        cells.append(experiments.cell(experiments.mean_std(
+            [100 * r["rgb"][key] for r in per_seed.values()])))
+      rows.append(f"| {variant} | {name} | {len(per_seed)} | "
+                  + " | ".join(cells) + " |")
+  return rows
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -143,6 +188,14 @@ def main(argv):
       "| variant | probe | seeds | mAP | R-1 | flare mAP | flare R-1 | "
       "clean mAP | clean R-1 |",
       "|---|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""])
+  if "rendered_masks" in _PROBES.value:
+    text += "\n".join([
+        "", f"### Masks as they are and under a rendered flare "
+        f"({base.eval.split} split)", "",
+        "| variant | images | seeds | RGB IoU | all-ones | NI IoU | all-ones "
+        "| RGB coverage, flare images | RGB coverage, flare-free images |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        *_mask_rows(base, root, seeds), ""])
   path = os.path.join(root, checkpointing.split_file(DIAGNOSTICS_FILE,
                                                      base.eval.split))
   with open(path, "w") as f:

@@ -1,12 +1,25 @@
-"""Test-wide settings: 8 fake CPU devices for JAX, quicker XLA compiles
-(tests/subprocess_env.py), TensorFlow kept small.
+"""Test-wide settings: a test directory per pytest-xdist worker, 8 fake CPU
+devices for JAX, quicker XLA compiles (tests/subprocess_env.py), TensorFlow
+kept small.
 
 This runs before any test module imports JAX, so the XLA flag takes effect.
 """
 
 import os
+import tempfile
 
-import subprocess_env
+# Each pytest-xdist worker (setup.cfg runs two) gets a test directory of its
+# own: the tests keep prepared datasets and runs there under fixed names,
+# and two workers preparing the same dataset at once would collide when
+# TFDS moves its finished build into place.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+_BASE = os.environ.get("TEST_TMPDIR") or os.path.join(tempfile.gettempdir(),
+                                                     "absl_testing")
+if _WORKER and os.path.basename(_BASE) != _WORKER:
+  os.environ["TEST_TMPDIR"] = os.path.join(_BASE, _WORKER)
+  os.makedirs(os.environ["TEST_TMPDIR"], exist_ok=True)
+
+import subprocess_env  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -18,8 +31,6 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + subprocess_env.COMPILE_FLAGS
 
 import input_pipeline  # noqa: E402,F401  (configures TensorFlow)
-
-import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 

@@ -485,6 +485,27 @@ def _clustered(num_ids, per_id, noise, seed):
           ids[is_query], ids[~is_query])
 
 
+class RankReportTest(absltest.TestCase):
+
+  def test_given_distances_are_ranked_as_they_are(self):
+    rng = np.random.default_rng(0)
+    query = {"embedding": rng.normal(size=(3, 4)), "pid": np.array([0, 1, 2]),
+             "camid": np.zeros(3, np.int64), "sceneid": np.zeros(3, np.int64),
+             "flare": np.zeros((3, 2))}
+    gallery = {"embedding": rng.normal(size=(3, 4)),
+               "pid": np.array([2, 1, 0]), "camid": np.ones(3, np.int64),
+               "sceneid": np.zeros(3, np.int64), "flare": np.zeros((3, 2))}
+    # Each query's true match (gallery 2 - i) is nearest.
+    distmat = np.ones((3, 3)) - np.eye(3)[::-1]
+    report = evaluation.rank_report(query, gallery, max_rank=3, rerank=True,
+                                    distmat=distmat)
+    self.assertEqual(report["mAP"], 1.0)
+    self.assertFalse(report["reranked"])
+    with self.assertRaisesRegex(ValueError, r"distmat must be \(queries, "
+                                r"gallery\) \(3, 3\), got \(3, 2\)"):
+      evaluation.rank_report(query, gallery, distmat=distmat[:, :2])
+
+
 class RerankTest(absltest.TestCase):
 
   def test_hand_case(self):

@@ -425,8 +425,10 @@ class ScriptTest(absltest.TestCase):
                 "| mfmp_fce | FCE off at test | 1 |",
                 "| mfmp_fce | rendered flare on the query | 1 |",
                 "| baseline | equal segments | 1 |",
-                "| mfmp_fce | flared streams at weight 0 | 1 |"):
+                "| mfmp_fce | flared streams at weight 0 | 1 |",
+                "| mfmp_fce | as is | 1 |", "| mfmp_fce | rendered flare | 1 |"):
       self.assertIn(row, diagnostics)
+    self.assertNotIn("| baseline | as is |", diagnostics)
     self.assertNotIn("| baseline | FCE off at test", diagnostics)
     # The full-embedding probe reproduces the run's own evaluation.
     with open(os.path.join(experiments.run_dir(self.root, "baseline", 0),

@@ -64,6 +64,42 @@ class ScoresTest(absltest.TestCase):
                                np.ones(2, bool))
 
 
+class RenderedFlareTest(absltest.TestCase):
+
+  def _data(self, n=5):
+    rng = np.random.default_rng(0)
+    data = {m: rng.integers(0, 200, (n, 32, 16, 3)).astype(np.uint8)
+            for m in ("rgb", "ni", "ti")}
+    data["ni"][..., 1:] = data["ni"][..., :1]  # NI is grey
+    for m in ("rgb", "ni"):
+      data[f"gt_{m}"] = np.zeros((n, 32, 16), np.uint8)
+    data["flare_ratio"] = np.zeros((n, 2), np.float32)
+    data["pid"] = np.arange(n)
+    return data
+
+  def test_ground_truth_is_what_the_render_saturated(self):
+    data = self._data()
+    out = mask_quality.with_rendered_flare(data, batch_size=4)
+    np.testing.assert_array_equal(out["ti"], data["ti"])
+    np.testing.assert_array_equal(out["pid"], data["pid"])
+    for i, m in enumerate(("rgb", "ni")):
+      added = out[m].astype(int) - data[m]
+      self.assertGreaterEqual(added.min(), 0)
+      saturated = out[m].max(axis=-1) >= 250
+      # Nothing was saturated before, so every saturated pixel is the
+      # flare's; where it added less than the bar nothing saturates.
+      np.testing.assert_array_equal(out[f"gt_{m}"].astype(bool), saturated)
+      self.assertGreater(out[f"gt_{m}"].mean(), 0.02)
+      np.testing.assert_allclose(out["flare_ratio"][:, i],
+                                 (out[m] >= 250).mean(axis=(1, 2, 3)),
+                                 atol=1e-6)
+    # An image's flare depends on its index only, not on the chunking.
+    again = mask_quality.with_rendered_flare(data, batch_size=2)
+    np.testing.assert_array_equal(again["rgb"], out["rgb"])
+    other = mask_quality.with_rendered_flare(data, seed=1, batch_size=4)
+    self.assertFalse(np.array_equal(other["rgb"], out["rgb"]))
+
+
 class FigureTest(absltest.TestCase):
 
   def test_grid_size_and_content(self):

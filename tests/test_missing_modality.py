@@ -248,6 +248,14 @@ class SweepTest(absltest.TestCase):
                           render=True)
     self.assertGreater(np.sum(query["flare_input"]),
                        np.sum(query["flare"]))
+    np.testing.assert_array_equal(np.maximum(query["flare_input"],
+                                             query["flare"]),
+                                  query["flare_input"])
+    # Only the query was rendered: the same ranking against the gallery as
+    # it is.
+    gallery = train.extract(config, model, variables, "gallery", sharding)
+    self.assertAlmostEqual(train.rank(config, query, gallery)["mAP"],
+                           saved["mAP"], places=6)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,24 @@ class RenderTest(absltest.TestCase):
                         self.key.tobytes())
 
 
+  def test_a_real_flare_stays_fed(self):
+    indices = [0, 1, 2, 3]
+    batch = _normalised(self.config, _raw_batch(indices), indices)
+    rendered = np.asarray(self.render(batch, self.key)["flare"])
+    batch["flare"] = np.ones_like(batch["flare"])
+    np.testing.assert_array_equal(self.render(batch, self.key)["flare"], 1.0)
+    self.assertLess(rendered.min(), 1.0)  # Some stream the render left clean.
+
+  def test_add_flare_is_add_flare_each_of_split_keys(self):
+    raw = _raw_batch([0, 1, 2])
+    key = jax.random.PRNGKey(5)
+    one = flare_render.add_flare(key, raw["rgb"], raw["ni"])
+    each = flare_render.add_flare_each(jax.random.split(key, 3), raw["rgb"],
+                                       raw["ni"])
+    for a, b in zip(one, each):
+      np.testing.assert_array_equal(a, b)
+
+
 class ConfigTest(absltest.TestCase):
 
   def test_sides_and_error(self):
@@ -113,6 +131,34 @@ class ConfigTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, r"config\.eval\.rendered_flare"):
       train.train_and_evaluate(config, workdir)
     self.assertFalse(os.path.exists(workdir))
+
+  def test_clahe_is_refused(self):
+    config = tiny.get_config()
+    config.eval.rendered_flare = "gallery"
+    config.preprocess.clahe = True
+    with self.assertRaisesRegex(ValueError, r"rendered_flare='gallery' with "
+                                r"preprocess\.clahe"):
+      train.rendered_flare_side(config)
+
+  def test_sweep_files_and_title_name_the_rendered_side(self):
+    config = tiny.get_config()
+    config.eval.missing = "all"
+    config.eval.rendered_flare = "both"
+    config.eval.split = "val"
+    self.assertEqual(train.results_path(config, "/w"),
+                     "/w/missing_modality_rendered-flare-both_val.md")
+    config.eval.missing_in = "query"
+    config.eval.rendered_flare = "none"
+    self.assertEqual(train.results_path(config, "/w"),
+                     "/w/missing_modality_query_val.md")
+    row = {"missing": "none", "mAP": 0.5, "rank1": 0.5, "rank5": 0.5,
+           "rank10": 0.5, "flare": {"mAP": 0.5}, "clean": {"mAP": 0.5}}
+    sweep = {"missing_in": "both", "dataset": "d", "split": "val", "step": 1,
+             "rows": [row]}
+    self.assertNotIn("rendered", train.missing_modality_table(sweep))
+    sweep["rendered_flare"] = "query"
+    self.assertIn("blanked in the query and the gallery, with a rendered "
+                  "flare on the query:", train.missing_modality_table(sweep))
 
   def test_results_file_names(self):
     self.assertEqual(train.results_file("test", rendered="query"),
