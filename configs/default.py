@@ -151,8 +151,9 @@ def get_config() -> ml_collections.ConfigDict:
   # sigmoid((m - Delta)/tau) (beyond the paper; val: worse).
   config.model.fce_inference_mask = "hard"
   # What FCE puts where a flare sample's mask is on: "ti" (TI features, the
-  # paper) or "none" (beyond the paper: the masked positions are left out
-  # of the stream's pooling; needs plug_stage 4).
+  # paper), "none" (beyond the paper: the masked positions are left out
+  # of the stream's pooling; needs plug_stage 4) or "add" (beyond the paper:
+  # f_S + f_T there, the stream's own features kept).
   config.model.fce_fill = "ti"
   # Beyond the paper (paper: True): False pastes a stop-gradient f_T, so the
   # RGB and NI losses do not train the TI stream through FCE.

@@ -256,6 +256,11 @@ class FCEGatingTest(absltest.TestCase):
                                               jnp.array([1., 0.]))
     np.testing.assert_array_equal(out[0, 0, 0], [5., 1., 5., 1.])
     np.testing.assert_array_equal(out[1, 0, 0], [-1., -1., -1., -1.])
+    # fce_fill="add": the stream's own features stay where TI is added.
+    added = facenet_lib.flare_aware_enhancement(
+        f_self, f_guide, mask, enhanced, jnp.array([1., 0.]), keep_self=True)
+    np.testing.assert_array_equal(added[0, 0, 0], [6., 1., 6., 1.])
+    np.testing.assert_array_equal(added[1, 0, 0], [-1., -1., -1., -1.])
 
 
 class MaskSupervisionTest(parameterized.TestCase):

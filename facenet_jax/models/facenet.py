@@ -156,7 +156,7 @@ SMP_MODES = ("mask", "head")
 SMP_POOLINGS = ("topk", "lse", "max", "mean")
 FCE_CLEAN = ("enhanced", "identity")
 FCE_INFERENCE_MASKS = ("hard", "soft")
-FCE_FILLS = ("ti", "none")
+FCE_FILLS = ("ti", "none", "add")
 
 
 def pool_positions(position_logits: Array, pooling: str,
@@ -256,12 +256,16 @@ class FlareMask(nn.Module):
 
 
 def flare_aware_enhancement(f_self: Array, f_guide: Array, mask: Array,
-                            clean: Array, flare: Array) -> Array:
+                            clean: Array, flare: Array,
+                            keep_self: bool = False) -> Array:
   """FCE (paper eq. 7), gated per sample by the pseudo-label.
 
   For a sample with delta_S = 1: f_S' = f_T * M_S + f_S * (1 - M_S); otherwise
   f_S' = `clean` (the paper: A_S, "replaced by the output of FMI"). A
-  sample's result never depends on other samples in its batch.
+  sample's result never depends on other samples in its batch. keep_self
+  (model.fce_fill="add", beyond the paper) adds instead of replacing:
+  f_S' = f_S + f_T * M_S, so a flared position keeps what its own stream
+  still sees.
 
   Args:
     f_self: (B, h, w, C) f_S.
@@ -269,12 +273,16 @@ def flare_aware_enhancement(f_self: Array, f_guide: Array, mask: Array,
     mask: (B, h, w, C) mask M_S, hard {0, 1} or soft in [0, 1].
     clean: (B, h, w, C) what a flare-free sample gets (A_S or f_S).
     flare: (B,) pseudo-label delta_S in {0, 1}.
+    keep_self: add f_T where the mask is on instead of replacing f_S.
 
   Returns:
     (B, h, w, C) f_S'.
   """
   mask = mask.astype(f_self.dtype)
-  restored = f_guide * mask + f_self * (1 - mask)
+  if keep_self:
+    restored = f_self + f_guide * mask
+  else:
+    restored = f_guide * mask + f_self * (1 - mask)
   gate = (flare > 0.5)[:, None, None, None]
   return jnp.where(gate, restored, clean)
 
@@ -372,10 +380,12 @@ class FACENet(nn.Module):
       sigmoid((m_S - Delta) / tau) (beyond the paper). Training always uses
       the hard mask with its straight-through gradient.
     fce_fill: what FCE puts where a flare sample's mask is on: "ti" (the
-      TI map or its projection, the paper) or "none" (nothing: those
+      TI map or its projection, the paper), "none" (nothing: those
       positions are left out of the stream's global pooling, so the feature
       is the mean of the unmasked positions; beyond the paper, needs
-      plug_stage 4, where pooling follows FCE directly).
+      plug_stage 4, where pooling follows FCE directly) or "add" (f_S + f_T
+      there: the stream's own features stay and TI's are added; beyond the
+      paper).
     fce_guide_gradient: the identity losses of the RGB and NI streams
       reach the TI stream through the pasted f_T (the paper). False pastes
       a stop-gradient f_T, so the TI stream is trained by its own losses only
@@ -556,7 +566,8 @@ class FACENet(nn.Module):
           guide = projection(guide)
         guides[m], plug_features[m] = consistency_guide, maps[m]
         maps[m] = flare_aware_enhancement(maps[m], guide, paste, clean,
-                                          flare[:, i])
+                                          flare[:, i],
+                                          keep_self=self.fce_fill == "add")
 
     states = {m: backbones[m].with_grid(states[m], maps[m])
               for m in MODALITIES}
