@@ -113,7 +113,9 @@ class ConfigTest(parameterized.TestCase):
 
   def test_old_config_files_read_as_none(self):
     saved = checkpointing.config_to_dict(tiny.get_config())
-    del saved["eval"]["missing"], saved["eval"]["missing_in"]
+    for field in ("missing", "missing_in", "rendered_flare",
+                  "rendered_flare_seed"):
+      del saved["eval"][field]
     old = os.path.join(absltest.get_default_test_tmpdir(), "old_config")
     os.makedirs(old, exist_ok=True)
     with open(os.path.join(old, checkpointing.CONFIG_FILE), "w") as f:
@@ -121,6 +123,8 @@ class ConfigTest(parameterized.TestCase):
     config = checkpointing.load_config(old)
     self.assertEqual((config.eval.missing, config.eval.missing_in),
                      ("none", "both"))
+    self.assertEqual((config.eval.rendered_flare,
+                      config.eval.rendered_flare_seed), ("none", 0))
 
 
 class SweepTest(absltest.TestCase):

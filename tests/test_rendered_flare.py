@@ -4,7 +4,6 @@ The rendering of an eval batch is checked on made-up images; the evaluation
 of a trained run with it is in test_missing_modality.SweepTest, which has one.
 """
 
-import json
 import os
 
 from absl.testing import absltest
@@ -12,7 +11,6 @@ import jax
 import numpy as np
 
 from configs import tiny
-from facenet_jax import checkpointing
 from facenet_jax import flare_render
 from facenet_jax import train
 from facenet_jax.constants import MODALITIES
@@ -167,17 +165,6 @@ class ConfigTest(absltest.TestCase):
                      "eval_results_missing-ti_both_rendered-flare-gallery_"
                      "val.json")
     self.assertEqual(train.results_file("val"), "eval_results_val.json")
-
-  def test_old_config_files_read_as_none(self):
-    saved = checkpointing.config_to_dict(tiny.get_config())
-    del saved["eval"]["rendered_flare"], saved["eval"]["rendered_flare_seed"]
-    old = os.path.join(absltest.get_default_test_tmpdir(), "old_render")
-    os.makedirs(old, exist_ok=True)
-    with open(os.path.join(old, checkpointing.CONFIG_FILE), "w") as f:
-      json.dump(saved, f)
-    config = checkpointing.load_config(old)
-    self.assertEqual((config.eval.rendered_flare,
-                      config.eval.rendered_flare_seed), ("none", 0))
 
 
 if __name__ == "__main__":
