@@ -41,3 +41,17 @@ jax.config.update("jax_compilation_cache_dir",
                   tempfile.mkdtemp(prefix="facenet_jax_xla_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# The slowest test files (about 1.5 to 3 minutes each here), started first:
+# pytest-xdist hands each worker whole files in collection order, so a slow
+# file collected last would leave one worker running alone at the end.
+_SLOW_FIRST = ("test_experiments.py", "test_model.py", "test_end_to_end.py",
+               "test_warm_start.py", "test_missing_modality.py",
+               "test_vit.py", "test_export.py", "test_restore.py",
+               "test_train.py", "test_multiprocess.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
