@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from facenet_jax import checkpointing
+from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 from input_pipeline import pipeline
 
 # Overrides (dotted config path -> value) of each variant.
@@ -468,8 +469,8 @@ def modality_segments(embedding: np.ndarray,
 def flare_weighted_distances(query: Mapping[str, np.ndarray],
                              gallery: Mapping[str, np.ndarray],
                              weight: float,
-                             modalities: Sequence[str] = ("rgb", "ni", "ti"),
-                             flared: Sequence[str] = ("rgb", "ni")
+                             modalities: Sequence[str] = MODALITIES,
+                             flared: Sequence[str] = FLARE_MODALITIES
                              ) -> np.ndarray:
   """(Q, G) distances of the per-stream segments, flared streams weighted.
 

@@ -117,6 +117,15 @@ def add_flare(key: Array, rgb: Array, ni: Array, pixel_low: int = 250,
                         pixel_low, ratio_threshold)
 
 
+def add_flare_by_index(key: Array, index: Array, rgb: Array, ni: Array,
+                       pixel_low: int = 250,
+                       ratio_threshold: float = 0.1) -> RenderedFlare:
+  """add_flare_each with image i's key fold_in(key, index[i]): an image's
+  flare is a function of its index in its split alone."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+  return add_flare_each(keys, rgb, ni, pixel_low, ratio_threshold)
+
+
 def add_flare_each(keys: Array, rgb: Array, ni: Array, pixel_low: int = 250,
                    ratio_threshold: float = 0.1) -> RenderedFlare:
   """add_flare with one key per image pair (keys (n,)), so that an image's

@@ -121,9 +121,8 @@ def with_rendered_flare(data: Mapping[str, np.ndarray], seed: int = 0,
   from facenet_jax import flare_render
   n = len(data["pid"])
   key = jax.random.PRNGKey(seed)
-  render = jax.jit(lambda idx, rgb, ni: flare_render.add_flare_each(
-      jax.vmap(lambda i: jax.random.fold_in(key, i))(idx), rgb, ni,
-      pixel_low=pixel_low))
+  render = jax.jit(lambda idx, rgb, ni: flare_render.add_flare_by_index(
+      key, idx, rgb, ni, pixel_low=pixel_low))
   out = dict(data)
   parts = {k: [] for k in ("rgb", "ni", "gt_rgb", "gt_ni", "flare_ratio")}
   for start in range(0, n, batch_size):
@@ -134,8 +133,9 @@ def with_rendered_flare(data: Mapping[str, np.ndarray], seed: int = 0,
     rendered = render(idx.astype(np.int32), raw["rgb"], raw["ni"])
     keep = slice(0, min(n, start + batch_size) - start)
     for m, image in zip(FLARE_MODALITIES, (rendered.rgb, rendered.ni)):
-      image8 = np.round(np.asarray(image)[keep] * 255.0).astype(np.uint8)
-      light = (np.asarray(image)[keep] - raw[m][keep]).max(axis=-1)
+      image = np.asarray(image)[keep]
+      image8 = np.round(image * 255.0).astype(np.uint8)
+      light = (image - raw[m][keep]).max(axis=-1)
       parts[m].append(image8)
       parts[f"gt_{m}"].append(((image8.max(axis=-1) >= pixel_low) &
                                (light >= RENDERED_MIN_LIGHT)).astype(np.uint8))

@@ -1185,7 +1185,7 @@ def render_eval_flare(batch: Mapping[str, jax.Array], key: jax.Array,
   """The eval batch with a rendered flare on every RGB and NI image.
 
   The images are normalised, as the pipeline gives them: the flare is added
-  to the raw pixels (flare_render.add_flare_each, one key per example index)
+  to the raw pixels (flare_render.add_flare_by_index, keyed by example index)
   and the result normalised again. An image is fed as flared where it was
   (the real pseudo-label) or where the rendered image is, measured at the
   network's input size; the original image's own flare, if it had one,
@@ -1193,10 +1193,9 @@ def render_eval_flare(batch: Mapping[str, jax.Array], key: jax.Array,
   """
   mean, std = (jnp.asarray(v, jnp.float32) for v in normalization(config))
   row = {m: i for i, m in enumerate(MODALITIES)}
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(batch["index"])
   raw = (batch[m] * std[row[m]] + mean[row[m]] for m in FLARE_MODALITIES)
-  rendered = flare_render.add_flare_each(
-      keys, *raw, pixel_low=config.flare.pixel_low,
+  rendered = flare_render.add_flare_by_index(
+      key, batch["index"], *raw, pixel_low=config.flare.pixel_low,
       ratio_threshold=config.flare.ratio_threshold)
   out = dict(batch)
   for m, image in zip(FLARE_MODALITIES, (rendered.rgb, rendered.ni)):

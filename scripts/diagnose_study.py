@@ -98,8 +98,7 @@ def diagnose_run(config, workdir: str, probes=PROBES) -> dict:
       reports[name] = train.rank(
           config, split["query"], split["gallery"],
           distmat=experiments.flare_weighted_distances(
-              split["query"], split["gallery"], w, MODALITIES,
-              FLARE_MODALITIES))
+              split["query"], split["gallery"], w))
   if "rendered_flare" in probes:
     rendered = train.extract(config, model, variables, query_split, sharding,
                              render=True)
