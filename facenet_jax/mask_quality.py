@@ -318,20 +318,38 @@ def score_run(config, workdir: str, data: Mapping[str, np.ndarray],
     {modality: mask_scores(...)} plus "masks": {modality: float32 (N, h, w)
     channel-mean coverage} and "gt": {modality: bool (N, h, w)}.
   """
+  return score_run_sets(config, workdir, {"": data}, min_fraction,
+                        batch_size)[""]
+
+
+def score_run_sets(config, workdir: str,
+                   datasets: Mapping[str, Mapping[str, np.ndarray]],
+                   min_fraction: float = 0.5,
+                   batch_size: int = 128) -> dict:
+  """score_run on several image sets, restoring the checkpoint once.
+
+  Returns:
+    {name: score_run(config, workdir, data)} for each (name, data) of
+    `datasets`.
+  """
   # pylint: disable=g-import-not-at-top
   from facenet_jax import inference
   from facenet_jax import train
   model, state, _ = train.restore_for_eval(config, workdir)
   variables = {"params": train.to_host(state.params),
                "batch_stats": train.to_host(state.batch_stats)}
-  images = inference.preprocess({m: data[m] for m in MODALITIES}, config)
-  flare = (data["flare_ratio"] > config.flare.ratio_threshold).astype(
-      np.float32)
-  masks = predict_masks(model, variables, images, flare, batch_size)
-  out = {"masks": {}, "gt": {}}
-  for m in FLARE_MODALITIES:
-    gt = gt_at_resolution(data[f"gt_{m}"], masks[m].shape[1:3], min_fraction)
-    out[m] = mask_scores(masks[m], gt, data[f"gt_{m}"].any(axis=(1, 2)))
-    out["masks"][m] = masks[m].mean(axis=-1, dtype=np.float32)
-    out["gt"][m] = gt
-  return out
+  scores = {}
+  for name, data in datasets.items():
+    images = inference.preprocess({m: data[m] for m in MODALITIES}, config)
+    flare = (data["flare_ratio"] > config.flare.ratio_threshold).astype(
+        np.float32)
+    masks = predict_masks(model, variables, images, flare, batch_size)
+    out = {"masks": {}, "gt": {}}
+    for m in FLARE_MODALITIES:
+      gt = gt_at_resolution(data[f"gt_{m}"], masks[m].shape[1:3],
+                            min_fraction)
+      out[m] = mask_scores(masks[m], gt, data[f"gt_{m}"].any(axis=(1, 2)))
+      out["masks"][m] = masks[m].mean(axis=-1, dtype=np.float32)
+      out["gt"][m] = gt
+    scores[name] = out
+  return scores

@@ -31,7 +31,8 @@ For each finished run of the chosen variants (the same --config and
     rendered flare saturated): does a mask find a flare it was not trained
     on? A second table, below the first.
 --probes picks among segments, fce_off, rendered_flare, flare_weighting and
-rendered_masks (default: all).
+rendered_masks (default: all; with rendered_masks alone nothing is ranked).
+The script reuses the study's compiled programs (WORKDIR/xla_cache).
 These are measurements of the final checkpoints, not a model selection: the
 tables of scripts/experiments.py stay what is reported. The markdown goes to
 WORKDIR/diagnostics.md (diagnostics_val.md for the validation split).
@@ -42,6 +43,7 @@ import sys
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -124,17 +126,18 @@ def _mask_rows(base, root, seeds) -> list[str]:
               data, pixel_low=base.flare.pixel_low)}
   rows = []
   for variant in _VARIANTS.value:
-    for name, images in sets.items():
-      per_seed = {}
-      for seed in seeds:
-        config = experiments.variant_config(base, variant, seed, root)
-        workdir = experiments.run_dir(root, variant, seed)
-        if (not config.model.use_mfmp or
-            experiments.finished_results(workdir, config) is None):
-          continue
-        print(f"scoring the masks of {variant} seed {seed} ({name})",
-              flush=True)
-        per_seed[seed] = mask_quality.score_run(config, workdir, images)
+    per_set: dict = {name: {} for name in sets}
+    for seed in seeds:
+      config = experiments.variant_config(base, variant, seed, root)
+      workdir = experiments.run_dir(root, variant, seed)
+      if (not config.model.use_mfmp or
+          experiments.finished_results(workdir, config) is None):
+        continue
+      print(f"scoring the masks of {variant} seed {seed}", flush=True)
+      for name, scores in mask_quality.score_run_sets(config, workdir,
+                                                      sets).items():
+        per_set[name][seed] = scores
+    for name, per_seed in per_set.items():
       if not per_seed:
         continue
       cells = []
@@ -162,8 +165,12 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--variants: unknown {unknown}; known: "
                          f"{sorted(experiments.VARIANTS)}")
+  # The runs' evaluation programs, compiled by scripts/experiments.py.
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(root, "xla_cache"))
+  ranking = [p for p in _PROBES.value if p != "rendered_masks"]
   rows = []
-  for variant in _VARIANTS.value:
+  for variant in _VARIANTS.value if ranking else ():
     per_probe: dict = {}
     for seed in seeds:
       config = experiments.variant_config(base, variant, seed, root)
@@ -171,8 +178,7 @@ def main(argv):
       if experiments.finished_results(workdir, config) is None:
         continue
       print(f"diagnosing {variant} seed {seed}", flush=True)
-      for probe, report in diagnose_run(config, workdir,
-                                        _PROBES.value).items():
+      for probe, report in diagnose_run(config, workdir, ranking).items():
         per_probe.setdefault(probe, {})[seed] = report
     for probe, per_seed in per_probe.items():
       cells = []
@@ -181,7 +187,7 @@ def main(argv):
         cells += [experiments.cell(agg[k]) for k in ("mAP", "rank1")]
       rows.append(f"| {variant} | {probe} | {len(per_seed)} | "
                   + " | ".join(cells) + " |")
-  text = "\n".join([
+  text = "" if not ranking else "\n".join([
       f"### Diagnostics (final checkpoints, {base.eval.split} split; not "
       "used to select anything)", "",
       "| variant | probe | seeds | mAP | R-1 | flare mAP | flare R-1 | "
@@ -189,7 +195,8 @@ def main(argv):
       "|---|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""])
   if "rendered_masks" in _PROBES.value:
     text += "\n".join([
-        "", f"### Masks as they are and under a rendered flare "
+        *([""] if text else []),
+        f"### Masks as they are and under a rendered flare "
         f"({base.eval.split} split)", "",
         "| variant | images | seeds | RGB IoU | all-ones | NI IoU | all-ones "
         "| RGB coverage, flare images | RGB coverage, flare-free images |",
