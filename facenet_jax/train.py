@@ -282,6 +282,31 @@ def restore_config(config: ml_collections.ConfigDict) -> RestoreConfig:
                        ratio_threshold=float(config.flare.ratio_threshold))
 
 
+def _render_normalised(images: Mapping[str, jax.Array], mean, std,
+                       render: Callable) -> tuple[dict, Any]:
+  """A flare rendered onto normalised RGB and NI images.
+
+  Args:
+    images: {modality: normalised (N, H, W, 3)}, as the pipeline gives them.
+    mean, std: (modality, channel) normalisation, rows in MODALITIES order.
+    render: (raw rgb, raw ni) -> flare_render.RenderedFlare, on [0, 255]
+      pixels.
+
+  Returns:
+    ({"rgb", "ni": the rendered images normalised again, in the input
+    dtype}, the RenderedFlare).
+  """
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+  row = {m: i for i, m in enumerate(MODALITIES)}
+  rendered = render(*(images[m] * std[row[m]] + mean[row[m]]
+                      for m in FLARE_MODALITIES))
+  flared = {m: ((image - mean[row[m]]) / std[row[m]]).astype(images[m].dtype)
+            for m, image in zip(FLARE_MODALITIES,
+                                (rendered.rgb, rendered.ni))}
+  return flared, rendered
+
+
 def with_flared_copies(batch: Mapping[str, jax.Array], restore: RestoreConfig,
                        key: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
   """The batch with `restore.copies` flared copies appended (beyond the paper).
@@ -299,20 +324,14 @@ def with_flared_copies(batch: Mapping[str, jax.Array], restore: RestoreConfig,
   order = jnp.argsort(jnp.sum(flare, axis=-1), stable=True)
   src = order[:restore.copies]
   valid = jnp.sum(flare[src], axis=-1) == 0
-  # (modality, channel) normalisation, rows in MODALITIES order.
-  mean = jnp.asarray(restore.mean, jnp.float32)
-  std = jnp.asarray(restore.std, jnp.float32)
-  row = {m: i for i, m in enumerate(MODALITIES)}
   sources = {m: batch[m][src] for m in MODALITIES}
-  rendered = flare_render.add_flare(
-      key, *(sources[m] * std[row[m]] + mean[row[m]] for m in FLARE_MODALITIES),
-      pixel_low=restore.pixel_low, ratio_threshold=restore.ratio_threshold)
-  flared = {"rgb": rendered.rgb, "ni": rendered.ni}
-  out = {}
-  for m in MODALITIES:
-    copy = ((flared[m] - mean[row[m]]) / std[row[m]] if m in flared
-            else sources[m])
-    out[m] = jnp.concatenate([batch[m], copy.astype(batch[m].dtype)])
+  flared, rendered = _render_normalised(
+      sources, restore.mean, restore.std,
+      lambda rgb, ni: flare_render.add_flare(
+          key, rgb, ni, pixel_low=restore.pixel_low,
+          ratio_threshold=restore.ratio_threshold))
+  out = {m: jnp.concatenate([batch[m], flared.get(m, sources[m])])
+         for m in MODALITIES}
   out["flare"] = jnp.concatenate([flare, rendered.flare])
   for k in ("label", "camid"):
     if k in batch:
@@ -1191,15 +1210,12 @@ def render_eval_flare(batch: Mapping[str, jax.Array], key: jax.Array,
   network's input size; the original image's own flare, if it had one,
   stays under the rendered one.
   """
-  mean, std = (jnp.asarray(v, jnp.float32) for v in normalization(config))
-  row = {m: i for i, m in enumerate(MODALITIES)}
-  raw = (batch[m] * std[row[m]] + mean[row[m]] for m in FLARE_MODALITIES)
-  rendered = flare_render.add_flare_by_index(
-      key, batch["index"], *raw, pixel_low=config.flare.pixel_low,
-      ratio_threshold=config.flare.ratio_threshold)
-  out = dict(batch)
-  for m, image in zip(FLARE_MODALITIES, (rendered.rgb, rendered.ni)):
-    out[m] = ((image - mean[row[m]]) / std[row[m]]).astype(batch[m].dtype)
+  flared, rendered = _render_normalised(
+      batch, *normalization(config),
+      lambda rgb, ni: flare_render.add_flare_by_index(
+          key, batch["index"], rgb, ni, pixel_low=config.flare.pixel_low,
+          ratio_threshold=config.flare.ratio_threshold))
+  out = {**batch, **flared}
   out["flare"] = jnp.maximum(batch["flare"],
                              rendered.flare.astype(batch["flare"].dtype))
   return out
@@ -1308,9 +1324,15 @@ def embedding_function(config: ml_collections.ConfigDict, model: FACENet,
     metadata["flare_input"] = fed["flare"]
     return embed(variables, fed), metadata
 
-  return jax.jit(run, in_shardings=(sharding.replicated, sharding.data,
-                                    sharding.replicated),
-                 out_shardings=sharding.replicated)
+  jitted = jax.jit(run, in_shardings=(sharding.replicated, sharding.data,
+                                      sharding.replicated),
+                   out_shardings=sharding.replicated)
+
+  def embed_fn(variables, batch, keep):
+    return jitted(variables, batch, keep)
+
+  embed_fn.render = render  # What extract checks against its own `render`.
+  return embed_fn
 
 
 def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
@@ -1338,8 +1360,8 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
     data: split_data(config, split), for a caller that holds it already;
       loaded here when None.
     render: render a flare onto every RGB and NI image first
-      (render_eval_flare); a given embed_fn must then be built with
-      render=True (it is not checked).
+      (render_eval_flare); a given embed_fn must be built with the same
+      `render`.
 
   Returns:
     "embedding" (N, 3D) and the EVAL_METADATA fields, in split order.
@@ -1347,6 +1369,9 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
     clean queries are the same whatever is fed; "flare_input" (N, 2) is what
     the model was fed.
   """
+  if embed_fn is not None and getattr(embed_fn, "render", False) != render:
+    raise ValueError(f"extract(render={render}) was given an embed_fn built "
+                     f"with render={not render}")
   if data is None:
     data = split_data(config, split)
   if model.num_cameras and len(data.camid) and (

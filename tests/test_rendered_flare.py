@@ -130,6 +130,18 @@ class ConfigTest(absltest.TestCase):
       train.train_and_evaluate(config, workdir)
     self.assertFalse(os.path.exists(workdir))
 
+  def test_extract_refuses_an_embed_fn_of_the_other_render(self):
+    config = tiny.get_config()
+    sharding = train.Sharding.create()
+    for built, asked in ((False, True), (True, False)):
+      embed_fn = train.embedding_function(config, None, sharding,
+                                          render=built)
+      with self.assertRaisesRegex(
+          ValueError, rf"extract\(render={asked}\) was given an embed_fn "
+          rf"built with render={built}"):
+        train.extract(config, None, None, "query", sharding,
+                      embed_fn=embed_fn, render=asked)
+
   def test_clahe_is_refused(self):
     config = tiny.get_config()
     config.eval.rendered_flare = "gallery"
