@@ -5,7 +5,9 @@ kept small.
 This runs before any test module imports JAX, so the XLA flag takes effect.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Each pytest-xdist worker (setup.cfg runs two) gets a test directory of its
@@ -16,8 +18,17 @@ _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 _BASE = os.environ.get("TEST_TMPDIR") or os.path.join(tempfile.gettempdir(),
                                                      "absl_testing")
 if _WORKER and os.path.basename(_BASE) != _WORKER:
-  os.environ["TEST_TMPDIR"] = os.path.join(_BASE, _WORKER)
-  os.makedirs(os.environ["TEST_TMPDIR"], exist_ok=True)
+  _BASE = os.path.join(_BASE, _WORKER)
+os.environ["TEST_TMPDIR"] = _BASE
+os.makedirs(_BASE, exist_ok=True)
+
+# Everything else a test process (or a script it starts) puts in a temporary
+# directory, the tests' own mkdtemp()s and TensorFlow Datasets' included,
+# goes to one directory per process that is removed when the process ends.
+_SESSION_TMP = tempfile.mkdtemp(prefix="facenet_jax_tests_")
+atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
+tempfile.tempdir = _SESSION_TMP
+os.environ["TMPDIR"] = _SESSION_TMP
 
 import subprocess_env  # noqa: E402
 
@@ -38,7 +49,7 @@ import jax  # noqa: E402
 # programs many times (every train_and_evaluate makes new jit wrappers), so a
 # session-wide persistent compilation cache compiles each program once.
 jax.config.update("jax_compilation_cache_dir",
-                  tempfile.mkdtemp(prefix="facenet_jax_xla_cache_"))
+                  os.path.join(_SESSION_TMP, "xla_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
