@@ -41,19 +41,26 @@ WORKDIR/diagnostics.md (diagnostics_val.md for the validation split).
 import os
 import sys
 
-from absl import app
-from absl import flags
-import jax
-from ml_collections import config_flags
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
-from facenet_jax import checkpointing  # noqa: E402
-from facenet_jax import experiments  # noqa: E402
-from facenet_jax import mask_quality  # noqa: E402
-from facenet_jax import train  # noqa: E402
-from facenet_jax.constants import FLARE_MODALITIES, MODALITIES  # noqa: E402
+from facenet_jax import console as console_lib  # noqa: E402  (no JAX, no TF)
+
+_VERBOSE = console_lib.verbose_requested(sys.argv)
+if not _VERBOSE:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+with console_lib.NativeStartupLines(active=not _VERBOSE) as _STARTUP:
+  import jax  # noqa: E402
+  import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
+  from facenet_jax import checkpointing  # noqa: E402
+  from facenet_jax import experiments  # noqa: E402
+  from facenet_jax import mask_quality  # noqa: E402
+  from facenet_jax import train  # noqa: E402
+  from facenet_jax.constants import FLARE_MODALITIES, MODALITIES  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The study's base configuration.", lock_config=True)
@@ -165,6 +172,15 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--variants: unknown {unknown}; known: "
                          f"{sorted(experiments.VARIANTS)}")
+  log_file = console_lib.start_script_logs(root, flags.FLAGS.verbosity,
+                                           _STARTUP.text)
+  with console_lib.stop_on_user_error(log_file, flags.FLAGS.verbosity):
+    _diagnose(base, root, seeds)
+  print(f"log: {log_file}")
+
+
+def _diagnose(base, root, seeds) -> None:
+  """Runs the probes of every finished run; writes and prints the tables."""
   # The runs' evaluation programs, compiled by scripts/experiments.py.
   jax.config.update("jax_compilation_cache_dir",
                     os.path.join(root, "xla_cache"))
@@ -210,4 +226,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=console_lib.parse_flags)

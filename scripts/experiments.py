@@ -33,20 +33,27 @@ import platform
 import sys
 import time
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
-from facenet_jax import checkpointing  # noqa: E402
-from facenet_jax import experiments  # noqa: E402
-from facenet_jax import mask_quality  # noqa: E402
-from facenet_jax import train  # noqa: E402
+from facenet_jax import console as console_lib  # noqa: E402  (no JAX, no TF)
+
+_VERBOSE = console_lib.verbose_requested(sys.argv)
+if not _VERBOSE:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+with console_lib.NativeStartupLines(active=not _VERBOSE) as _STARTUP:
+  import jax  # noqa: E402
+  import numpy as np  # noqa: E402
+  import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
+  from facenet_jax import checkpointing  # noqa: E402
+  from facenet_jax import experiments  # noqa: E402
+  from facenet_jax import mask_quality  # noqa: E402
+  from facenet_jax import train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Base configuration (configs/experiments.py).",
@@ -241,7 +248,15 @@ def main(argv):
               f"{experiments.run_dir(root, variant, seed)} "
               f"{experiments.VARIANTS[variant]}")
     return
-  os.makedirs(root, exist_ok=True)
+  log_file = console_lib.start_script_logs(root, flags.FLAGS.verbosity,
+                                           _STARTUP.text)
+  with console_lib.stop_on_user_error(log_file, flags.FLAGS.verbosity):
+    _run(config, root, tables, seeds, variants)
+  print(f"log: {log_file}")
+
+
+def _run(config, root, tables, seeds, variants) -> None:
+  """Trains and evaluates the study, then scores the masks; prints results."""
   # Seeds of one variant compile the same programs: cache them on disk.
   jax.config.update("jax_compilation_cache_dir",
                     os.path.join(root, "xla_cache"))
@@ -262,7 +277,7 @@ def main(argv):
                         evaluate_fn=train.evaluate_checkpoint)
   masks = ""
   if _MASKS.value:
-    logging.info("Scoring the predicted masks...")
+    print("Scoring the predicted masks...", flush=True)
     masks = _mask_section(config, root, seeds, variants)
   write_tables(masks)
   with open(results_path) as f:
@@ -270,4 +285,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=console_lib.parse_flags)

@@ -355,6 +355,7 @@ class ScriptTest(absltest.TestCase):
          "--workdir", self.root, *args], env=env, capture_output=True,
         text=True, timeout=900, check=False)
     self.assertEqual(done.returncode, 0, done.stdout[-3000:] + done.stderr[-3000:])
+    self.stderr = done.stderr
     return done.stdout
 
   def setUp(self):
@@ -375,7 +376,12 @@ class ScriptTest(absltest.TestCase):
   def test_table_3_with_masks_then_resume(self):
     args = ("--tables=3", "--seeds=0", "--config.num_train_steps=2",
             f"--config.data_dir={self.data_dir}")
-    self._run(*args)
+    out = self._run(*args)
+    # The console has the study's lines; the libraries' log is in log.txt.
+    self.assertIn("[3/3] mfmp_fce seed 0: mAP", out)
+    self.assertNotIn("ni_backbone", out + self.stderr)
+    with open(os.path.join(self.root, "log.txt")) as f:
+      self.assertIn("ni_backbone/conv1/kernel", f.read())
     with open(os.path.join(self.root, "results.md")) as f:
       text = f.read()
     self.assertIn("### Table 3", text)
