@@ -21,7 +21,6 @@ import os
 import time
 from typing import Callable, Mapping, Optional, Sequence
 
-from absl import logging
 import ml_collections
 import numpy as np
 
@@ -337,14 +336,17 @@ def run_study(base: ml_collections.ConfigDict, root: str, tables: Sequence[int],
     check_run(workdir, config)
     done = finished_results(workdir, config)
     if done is not None:
-      logging.info("[%d/%d] %s seed %d: finished earlier, mAP %.1f", i,
-                   len(plan), variant, seed, 100 * done["mAP"])
+      print(f"[{i}/{len(plan)}] {variant} seed {seed}: finished earlier, "
+            f"mAP {100 * done['mAP']:.1f}", flush=True)
       results[variant][seed] = done
       continue
     if evaluate_fn is not None and finished_training(workdir, config):
       print(f"[{i}/{len(plan)}] evaluating {variant} seed {seed} (trained "
             f"earlier) on the {config.eval.split} split", flush=True)
       results[variant][seed] = evaluate_fn(config, workdir)
+      print(f"[{i}/{len(plan)}] {variant} seed {seed}: mAP "
+            f"{100 * results[variant][seed]['mAP']:.1f} on the "
+            f"{config.eval.split} split", flush=True)
       if on_result is not None:
         on_result()
       continue

@@ -1369,7 +1369,8 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
     clean queries are the same whatever is fed; "flare_input" (N, 2) is what
     the model was fed.
   """
-  if embed_fn is not None and getattr(embed_fn, "render", False) != render:
+  # embedding_function marks what it built; another callable is trusted.
+  if getattr(embed_fn, "render", render) != render:
     raise ValueError(f"extract(render={render}) was given an embed_fn built "
                      f"with render={not render}")
   if data is None:

@@ -172,6 +172,9 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--variants: unknown {unknown}; known: "
                          f"{sorted(experiments.VARIANTS)}")
+  if not os.path.isdir(os.path.join(root, "runs")):
+    raise app.UsageError(f"--workdir={root} holds no study (no runs/ "
+                         "directory): give scripts/experiments.py's --workdir")
   log_file = console_lib.start_script_logs(root, flags.FLAGS.verbosity,
                                            _STARTUP.text)
   with console_lib.stop_on_user_error(log_file, flags.FLAGS.verbosity):

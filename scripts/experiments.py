@@ -43,7 +43,6 @@ if not _VERBOSE:
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 with console_lib.NativeStartupLines(active=not _VERBOSE) as _STARTUP:

@@ -366,6 +366,16 @@ class ScriptTest(absltest.TestCase):
     self.data_dir = os.path.join(tmp, "tfds")
     shutil.rmtree(self.root, ignore_errors=True)
 
+  def test_diagnosing_a_directory_without_a_study_is_one_line(self):
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "diagnose_study.py"),
+         "--config", os.path.join(ROOT, "configs", "tiny.py"),
+         "--workdir", self.root], env=subprocess_env.script_env(),
+        capture_output=True, text=True, timeout=300, check=False)
+    self.assertNotEqual(done.returncode, 0)
+    self.assertIn("holds no study (no runs/ directory)", done.stderr)
+    self.assertFalse(os.path.exists(self.root))
+
   def test_quick_dry_run_lists_table_2_with_one_seed(self):
     out = self._run("--quick", "--dry_run")
     lines = out.strip().splitlines()
@@ -403,6 +413,9 @@ class ScriptTest(absltest.TestCase):
     self.assertNotIn("training", out)
     self.assertIn("evaluating baseline seed 0 (trained earlier) on the val "
                   "split", out)
+    self.assertRegex(out, r"\[3/3\] mfmp_fce seed 0: mAP \d+\.\d on the val "
+                     r"split")
+    self.assertIn(f"log: {os.path.join(self.root, 'log.txt')}", out)
     with open(os.path.join(self.root, "results_val.md")) as f:
       val_text = f.read()
     for line in ("### Table 3: Comparison with a classical de-flare method "
