@@ -10,8 +10,8 @@ terminal. Otherwise (CI, nohup, a pipe) it prints a plain line at most every
 `interval` seconds and at the end: no carriage returns in a log file.
 
 The scripts share the rest of the chrome from here: the native start-up lines
-held back (`NativeStartupLines`), and a user error as one line with exit
-status 2 (`parse_flags`, `stop_on_user_error`). This module imports no JAX
+held back (`quiet_imports`), the log file and a user error as one line with
+exit status 2 (`parse_flags`, `session`). This module imports no JAX
 or TensorFlow, so the scripts can import it before them.
 """
 
@@ -200,6 +200,22 @@ def verbose_requested(argv: Sequence[str]) -> bool:
   return any(a.startswith(("--verbosity", "-v")) for a in argv[1:])
 
 
+def quiet_imports(argv: Optional[Sequence[str]] = None) -> "NativeStartupLines":
+  """A script's heavy imports go in `with quiet_imports() as startup:`.
+
+  Unless the command line asks for --verbosity, TensorFlow's C++ INFO lines
+  are switched off and what native libraries still print while they load is
+  held back for the log (`session` writes it there).
+
+  Args:
+    argv: the command line (default sys.argv).
+  """
+  verbose = verbose_requested(sys.argv if argv is None else argv)
+  if not verbose:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  return NativeStartupLines(active=not verbose)
+
+
 class NativeStartupLines:
   """Holds back what C++ libraries write to fd 2 while they are imported.
 
@@ -281,3 +297,23 @@ def stop_on_user_error(log_file: str, verbosity: int) -> Iterator[None]:
     if verbosity >= 1:
       raise
     user_error(one_line(e), log_file)
+
+
+@contextlib.contextmanager
+def session(workdir: str, startup: "NativeStartupLines") -> Iterator[str]:
+  """A script's main work: logs to WORKDIR/log.txt, user errors as one line.
+
+  `start_script_logs` with absl's --verbosity, then the block runs under
+  `stop_on_user_error`.
+
+  Args:
+    workdir: the run or study directory (created if missing).
+    startup: what `quiet_imports` returned.
+
+  Yields:
+    The log file's path.
+  """
+  verbosity = flags.FLAGS.verbosity
+  log_file = start_script_logs(workdir, verbosity, startup.text)
+  with stop_on_user_error(log_file, verbosity):
+    yield log_file

@@ -45,15 +45,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from facenet_jax import console as console_lib  # noqa: E402  (no JAX, no TF)
 
-_VERBOSE = console_lib.verbose_requested(sys.argv)
-if not _VERBOSE:
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-with console_lib.NativeStartupLines(active=not _VERBOSE) as _STARTUP:
+with console_lib.quiet_imports() as _STARTUP:
+  from absl import app  # noqa: E402
+  from absl import flags  # noqa: E402
+  from ml_collections import config_flags  # noqa: E402
   import jax  # noqa: E402
   import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
   from facenet_jax import checkpointing  # noqa: E402
@@ -175,9 +170,7 @@ def main(argv):
   if not os.path.isdir(os.path.join(root, "runs")):
     raise app.UsageError(f"--workdir={root} holds no study (no runs/ "
                          "directory): give scripts/experiments.py's --workdir")
-  log_file = console_lib.start_script_logs(root, flags.FLAGS.verbosity,
-                                           _STARTUP.text)
-  with console_lib.stop_on_user_error(log_file, flags.FLAGS.verbosity):
+  with console_lib.session(root, _STARTUP) as log_file:
     _diagnose(base, root, seeds)
   print(f"log: {log_file}")
 

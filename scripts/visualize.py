@@ -22,15 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from facenet_jax import console as console_lib  # noqa: E402  (no JAX, no TF)
 
-_VERBOSE = console_lib.verbose_requested(sys.argv)
-if not _VERBOSE:
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-with console_lib.NativeStartupLines(active=not _VERBOSE) as _STARTUP:
+with console_lib.quiet_imports() as _STARTUP:
+  from absl import app  # noqa: E402
+  from absl import flags  # noqa: E402
+  from ml_collections import config_flags  # noqa: E402
   import jax  # noqa: E402
   import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
   from facenet_jax import visualize  # noqa: E402
@@ -80,10 +75,7 @@ def _options() -> visualize.Options:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  verbosity = flags.FLAGS.verbosity
-  log_file = console_lib.start_script_logs(_WORKDIR.value, verbosity,
-                                           _STARTUP.text)
-  with console_lib.stop_on_user_error(log_file, verbosity):
+  with console_lib.session(_WORKDIR.value, _STARTUP) as log_file:
     console = console_lib.Console(enabled=jax.process_index() == 0)
     written = visualize.visualize_run(_CONFIG.value, _WORKDIR.value,
                                       _STEP.value, _options(), console)

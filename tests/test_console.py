@@ -88,6 +88,19 @@ class RouteLogsTest(absltest.TestCase):
       self.assertIn("a line for the log file 42", f.read())
 
 
+class QuietImportsTest(absltest.TestCase):
+
+  def test_native_lines_are_held_back_unless_verbose(self):
+    with console.quiet_imports(["prog", "--workdir=w"]) as startup:
+      os.write(2, b"a native start-up line\n")
+    self.assertTrue(startup.active)
+    self.assertEqual(startup.text, "a native start-up line\n")
+    with console.quiet_imports(["prog", "--verbosity=1"]) as verbose:
+      pass
+    self.assertFalse(verbose.active)
+    self.assertEqual(verbose.text, "")
+
+
 class MainErrorsTest(absltest.TestCase):
   """scripts/main.py: a user error is one line on stderr and exit status 2."""
 
