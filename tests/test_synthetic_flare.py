@@ -178,6 +178,27 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tiny, tmp_path):
   assert all(first[f]["rgb"] != third[f]["rgb"] for f in shared)
 
 
+def test_worker_processes_build_the_same_examples(tiny, tmp_path, monkeypatch):
+  # Every split of tiny is below the threshold: force the forked workers.
+  monkeypatch.setattr(synthetic_flare, "PARALLEL_MIN_SAMPLES", 0)
+  monkeypatch.setattr(synthetic_flare, "_usable_cpus", lambda: 2)
+  parallel = _build(tmp_path / "parallel")
+  for split in synthetic_flare.SPLITS:
+    first, second = _load(tiny, split, raw=True), _load(parallel, split, raw=True)
+    assert list(first) == list(second), split  # Same examples, same order.
+    for file, e in first.items():
+      for key, value in e.items():
+        np.testing.assert_array_equal(value, second[file][key], err_msg=f"{file} {key}")
+
+
+def test_render_examples_keeps_the_plan_order():
+  planned = synthetic_flare.plan_split(_TINY, "gallery")
+  serial = list(synthetic_flare.render_examples(_TINY, planned, processes=1))
+  forked = list(synthetic_flare.render_examples(_TINY, planned, processes=2))
+  assert [e["file"] for e in forked] == [p.file for p in planned]
+  assert [e["rgb"] for e in forked] == [e["rgb"] for e in serial]
+
+
 def test_flare_saturates_rgb_ni_inside_mask_and_never_ti(tiny_examples):
   flare = {0: [], 1: []}
   clean = []
