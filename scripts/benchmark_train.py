@@ -25,6 +25,7 @@ run with --config.model.dtype=bfloat16 there).
 
   python scripts/benchmark_train.py --torch
   python scripts/benchmark_train.py --config configs/experiments.py
+  python scripts/benchmark_train.py --trace_dir=/tmp/trace   # + op kinds
   python scripts/benchmark_train.py --config configs/wmveid863.py \
       --data=generated --steps=10            # ResNet50, 256x128, no dataset
 """
@@ -48,6 +49,7 @@ import numpy as np  # noqa: E402
 
 import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
 from facenet_jax import hardware  # noqa: E402
+from facenet_jax import profiling  # noqa: E402
 from facenet_jax import train  # noqa: E402
 from facenet_jax.constants import MODALITIES  # noqa: E402
 from input_pipeline import generated  # noqa: E402
@@ -68,6 +70,11 @@ _ROUNDS = flags.DEFINE_integer(
     "rounds", 3, "Rounds; each times every row once. The median is reported.")
 _TORCH = flags.DEFINE_bool("torch", False,
                            "Also time the baseline network in PyTorch eager.")
+_TRACE_DIR = flags.DEFINE_string(
+    "trace_dir", None,
+    "After the timing, trace --steps pure steps of the config with "
+    "jax.profiler into this directory and print where their time goes, by "
+    "XLA op kind (the TensorBoard profile is written there too).")
 _TORCH_THREADS = flags.DEFINE_integer(
     "torch_threads", 0, "torch.set_num_threads; 0 = os.cpu_count().")
 
@@ -147,6 +154,17 @@ class JaxRows:
         pending = []
     jax.block_until_ready(self.state)
     return (time.perf_counter() - start) / steps
+
+  def trace(self, steps: int, log_dir: str):
+    """The pure step under jax.profiler: (trace file, op kinds, wall s)."""
+    jax.block_until_ready(self.state)
+
+    def one_step():
+      self.state, metrics = self.step_fn(self.state, self.fixed)
+      return metrics
+
+    path, wall = profiling.trace(one_step, steps, log_dir)
+    return path, profiling.op_kinds(path), wall
 
   def close(self) -> None:
     self.batches.close()
@@ -355,6 +373,9 @@ def main(argv: Sequence[str]) -> None:
   for _ in range(_ROUNDS.value):
     for key, timer in timers:
       times.setdefault(key, []).append(timer(_STEPS.value))
+  trace = None
+  if _TRACE_DIR.value:
+    trace = jax_rows[0].trace(_STEPS.value, _TRACE_DIR.value)
   for rows in jax_rows:
     rows.close()
 
@@ -389,6 +410,11 @@ def main(argv: Sequence[str]) -> None:
   print(f"median of {_ROUNDS.value} rounds x {_STEPS.value} steps; XLA FLOPs "
         f"per step: " + ", ".join(f"{n} {f / 1e9:.1f} G"
                                   for n, f in flops.items()))
+  if trace is not None:
+    path, kinds, wall = trace
+    print(f"\nWhere the step's time goes ({_network(config)}, {_STEPS.value} "
+          f"pure steps traced; {path}):")
+    print(profiling.table(kinds, _STEPS.value, wall))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 """The benchmark scripts run on the CPU (tiny config) and print their tables."""
 
+import gzip
 import importlib.util
+import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 
 from absl.testing import absltest
 
 from facenet_jax import hardware
+from facenet_jax import profiling
 import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +30,8 @@ class BenchmarkTrainTest(absltest.TestCase):
     args = ["--config", os.path.join(ROOT, "configs", "tiny.py"),
             "--config.model.use_mfmp=False", "--config.model.use_fce=False",
             "--config.loss.modality=none", "--data=generated", "--steps=2",
-            "--rounds=1", "--warmup=1"]
+            "--rounds=1", "--warmup=1",
+            f"--trace_dir={os.path.join(tempfile.mkdtemp(), 'trace')}"]
     if _has_torch():
       args.append("--torch")
     env = subprocess_env.script_env()
@@ -55,6 +60,13 @@ class BenchmarkTrainTest(absltest.TestCase):
                              delta=0.02 * triplets_per_s + 0.1)
     self.assertGreater(float(rows["jax step"][6]), 0.0)  # TFLOP/s.
     self.assertRegex(out, r"loop/step \(baseline\): \d+\.\d\d")
+    # The traced steps, by op kind: shares of op time that add up to 100 %.
+    self.assertIn("Where the step's time goes (baseline, 2 pure steps", out)
+    shares = [float(m) for m in re.findall(r"^\| [^|]+ \| [\d.]+ \| ([\d.]+) %",
+                                           out, flags=re.M)]
+    self.assertNotEmpty(shares, out)
+    self.assertAlmostEqual(sum(shares), 100.0, delta=0.1 * len(shares) + 0.1)
+    self.assertRegex(out, r"op time \d+\.\d ms per call over \d+\.\d ms")
     if _has_torch():
       match = re.search(r"JAX/PyTorch \(baseline\): step (\d+\.\d+)x", out)
       self.assertIsNotNone(match, out)
@@ -62,6 +74,31 @@ class BenchmarkTrainTest(absltest.TestCase):
           rows["jax step"][2])
       self.assertAlmostEqual(float(match.group(1)), torch_ms / jax_ms,
                              delta=0.02 * torch_ms / jax_ms + 0.01)
+
+  def test_op_kinds_sum_numbered_ops_and_skip_runtime_events(self):
+    events = [
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2},
+        {"ph": "X", "name": "fusion.12", "dur": 300.0},
+        {"ph": "X", "name": "fusion.40", "dur": 100.0},
+        {"ph": "X", "name": "convolution", "dur": 50.0},
+        {"ph": "X", "name": "wrapped_reduce-window.2", "dur": 25.0},
+        {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 1e6},
+        {"ph": "X", "name": "$api.py:2479 block_until_ready", "dur": 1e6},
+        {"ph": "X", "name": "PjitFunction(train_step)", "dur": 1e6},
+        {"ph": "i", "name": "fusion.1", "dur": 1e6},
+    ]
+    path = os.path.join(tempfile.mkdtemp(), "perfetto_trace.json.gz")
+    with gzip.open(path, "wt") as f:
+      json.dump({"traceEvents": events}, f)
+    kinds = profiling.op_kinds(path)
+    self.assertEqual([(k.name, k.count) for k in kinds],
+                     [("fusion", 2), ("convolution", 1),
+                      ("wrapped_reduce-window", 1)])
+    self.assertAlmostEqual(kinds[0].seconds, 400e-6)
+    text = profiling.table(kinds, calls=2, wall=1e-3, most=2)
+    self.assertIn("| fusion | 0.2 | 84.2 % | 1 |", text)
+    self.assertIn("| (1 other kinds) | 0.0 | 5.3 % | 0 |", text)
+    self.assertIn("0.47 threads busy on average", text)
 
   def test_device_peaks(self):
     self.assertEqual(hardware.device_peak("TPU v4"), 275e12)
