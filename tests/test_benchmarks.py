@@ -75,6 +75,24 @@ class BenchmarkTrainTest(absltest.TestCase):
       self.assertAlmostEqual(float(match.group(1)), torch_ms / jax_ms,
                              delta=0.02 * torch_ms / jax_ms + 0.01)
 
+  def test_grouped_conv_benchmark_prints_its_rows_and_agreeing_gradients(self):
+    done = subprocess.run(
+        [sys.executable,
+         os.path.join(ROOT, "scripts", "benchmark_grouped_conv.py"),
+         "--batch=1", "--calls=1"], env=subprocess_env.script_env(),
+        capture_output=True, text=True, timeout=600, check=False)
+    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+    rows = re.findall(r"^\| (\d+x\d+, \d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|$",
+                      done.stdout, flags=re.M)
+    self.assertEqual([r[0] for r in rows],
+                     ["32x16, 16", "16x8, 32", "8x4, 64", "8x4, 128"])
+    for _, apart, grouped, ratio in rows:
+      self.assertAlmostEqual(float(ratio), float(grouped) / float(apart),
+                             delta=0.05 * float(ratio) + 0.05)
+    agree = re.search(r"agree to ([\d.e+-]+)", done.stdout)
+    self.assertIsNotNone(agree, done.stdout)
+    self.assertLess(float(agree.group(1)), 1e-4)
+
   def test_op_kinds_sum_numbered_ops_and_skip_runtime_events(self):
     events = [
         {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2},
