@@ -24,10 +24,18 @@ from typing import Any, Callable
 import jax
 
 PERFETTO_FILE = "perfetto_trace.json.gz"
-# An XLA operation's event: an HLO instruction name, optionally numbered.
-# Runtime wrappers ("ThunkExecutor::Execute"), Python frames ("$api.py:...")
-# and jitted-function calls ("PjitFunction(f)") do not match.
+# An HLO instruction's name: its kind, optionally numbered ("fusion.12").
 _OP_NAME = re.compile(r"^([A-Za-z_][\w\-]*?)(\.\d+)?$")
+
+
+def _hlo_op(event: dict) -> str:
+  """The HLO instruction a trace event executed, or "".
+
+  JAX's CPU traces mark an operation's execution with args["hlo_op"];
+  runtime events (ThunkExecutor::Execute, ParseArguments), Python frames
+  and jitted-function calls have none.
+  """
+  return str((event.get("args") or {}).get("hlo_op") or "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +88,15 @@ def op_kinds(path: str) -> list[OpKind]:
   events = data["traceEvents"] if isinstance(data, dict) else data
   seconds: collections.Counter = collections.Counter()
   counts: collections.Counter = collections.Counter()
-  for event in events:
-    if event.get("ph") != "X":
-      continue
-    match = _OP_NAME.match(str(event.get("name", "")))
-    if match is None:
+  complete = [e for e in events if e.get("ph") == "X"]
+  marked = any(_hlo_op(e) for e in complete)
+  for event in complete:
+    if marked:  # Only the events marked as operations.
+      name = _hlo_op(event)
+    else:  # A trace without the marks: names that look like HLO ones.
+      name = str(event.get("name", ""))
+    match = _OP_NAME.match(name)
+    if not name or match is None:
       continue
     seconds[match.group(1)] += float(event.get("dur", 0.0)) * 1e-6
     counts[match.group(1)] += 1

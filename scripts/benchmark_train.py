@@ -161,7 +161,7 @@ class JaxRows:
 
     def one_step():
       self.state, metrics = self.step_fn(self.state, self.fixed)
-      return metrics
+      return self.state, metrics
 
     path, wall = profiling.trace(one_step, steps, log_dir)
     return path, profiling.op_kinds(path), wall

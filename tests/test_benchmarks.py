@@ -94,21 +94,26 @@ class BenchmarkTrainTest(absltest.TestCase):
     self.assertLess(float(agree.group(1)), 1e-4)
 
   def test_op_kinds_sum_numbered_ops_and_skip_runtime_events(self):
-    events = [
-        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2},
-        {"ph": "X", "name": "fusion.12", "dur": 300.0},
-        {"ph": "X", "name": "fusion.40", "dur": 100.0},
-        {"ph": "X", "name": "convolution", "dur": 50.0},
-        {"ph": "X", "name": "wrapped_reduce-window.2", "dur": 25.0},
-        {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 1e6},
-        {"ph": "X", "name": "$api.py:2479 block_until_ready", "dur": 1e6},
-        {"ph": "X", "name": "PjitFunction(train_step)", "dur": 1e6},
-        {"ph": "i", "name": "fusion.1", "dur": 1e6},
-    ]
-    path = os.path.join(tempfile.mkdtemp(), "perfetto_trace.json.gz")
-    with gzip.open(path, "wt") as f:
-      json.dump({"traceEvents": events}, f)
-    kinds = profiling.op_kinds(path)
+    ops = [("fusion.12", 300.0), ("fusion.40", 100.0), ("convolution", 50.0),
+           ("wrapped_reduce-window.2", 25.0)]
+    runtime = ["ThunkExecutor::Execute", "$api.py:2479 block_until_ready",
+               "PjitFunction(train_step)", "ParseArguments",
+               "AllocateOutputBuffersWithInputReuse"]
+
+    def kinds_of(marked: bool):
+      events = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": 2},
+                {"ph": "i", "name": "fusion.1", "dur": 1e6,
+                 "args": {"hlo_op": "fusion.1"}}]
+      events += [{"ph": "X", "name": n, "dur": d,
+                  **({"args": {"hlo_op": n}} if marked else {})}
+                 for n, d in ops]
+      events += [{"ph": "X", "name": n, "dur": 1e6} for n in runtime]
+      path = os.path.join(tempfile.mkdtemp(), "perfetto_trace.json.gz")
+      with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+      return profiling.op_kinds(path)
+
+    kinds = kinds_of(marked=True)
     self.assertEqual([(k.name, k.count) for k in kinds],
                      [("fusion", 2), ("convolution", 1),
                       ("wrapped_reduce-window", 1)])
@@ -117,6 +122,12 @@ class BenchmarkTrainTest(absltest.TestCase):
     self.assertIn("| fusion | 0.2 | 84.2 % | 1 |", text)
     self.assertIn("| (1 other kinds) | 0.0 | 5.3 % | 0 |", text)
     self.assertIn("0.47 threads busy on average", text)
+    # Without the marks, names shaped like HLO ones count; the runtime's
+    # single words (ParseArguments) then do too.
+    unmarked = {k.name for k in kinds_of(marked=False)}
+    self.assertEqual(unmarked, {"fusion", "convolution",
+                                "wrapped_reduce-window", "ParseArguments",
+                                "AllocateOutputBuffersWithInputReuse"})
 
   def test_device_peaks(self):
     self.assertEqual(hardware.device_peak("TPU v4"), 275e12)

@@ -2,7 +2,10 @@
 
 import dataclasses
 import hashlib
+import os
 import re
+import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from input_pipeline.datasets import synthetic_render
 
 _IMAGE_KEYS = ("rgb", "ni", "ti", "flare_mask_rgb", "flare_mask_ni")
 _TINY = synthetic_flare.SyntheticFlare.builder_configs["tiny"]
+_PARENT = os.getpid()
+_MAKE_EXAMPLE = synthetic_flare.make_example
 
 
 def _build(data_dir, config=None) -> tfds.core.DatasetBuilder:
@@ -191,12 +196,41 @@ def test_worker_processes_build_the_same_examples(tiny, tmp_path, monkeypatch):
         np.testing.assert_array_equal(value, second[file][key], err_msg=f"{file} {key}")
 
 
-def test_render_examples_keeps_the_plan_order():
-  planned = synthetic_flare.plan_split(_TINY, "gallery")
+def _with_renderer_pid(config, planned):
+  return {**_MAKE_EXAMPLE(config, planned), "renderer": os.getpid()}
+
+
+def test_render_examples_keeps_the_plan_order_across_workers(monkeypatch):
+  planned = synthetic_flare.plan_split(_TINY, "train")  # 55 samples, 4 chunks.
   serial = list(synthetic_flare.render_examples(_TINY, planned, processes=1))
+  monkeypatch.setattr(synthetic_flare, "make_example", _with_renderer_pid)
   forked = list(synthetic_flare.render_examples(_TINY, planned, processes=2))
   assert [e["file"] for e in forked] == [p.file for p in planned]
   assert [e["rgb"] for e in forked] == [e["rgb"] for e in serial]
+  # Rendered by the workers (one or both: who takes a chunk is theirs to
+  # race for), not by this process.
+  renderers = {e["renderer"] for e in forked}
+  assert renderers and os.getpid() not in renderers
+
+
+def _hung_in_workers(config, planned):
+  if os.getpid() != _PARENT:
+    time.sleep(60)  # A worker that never delivers.
+  return _MAKE_EXAMPLE(config, planned)
+
+
+def test_hung_workers_fall_back_to_in_process_rendering(monkeypatch):
+  planned = synthetic_flare.plan_split(_TINY, "query")
+  expected = [e["rgb"] for e in synthetic_flare.render_examples(_TINY, planned, 1)]
+  monkeypatch.setattr(synthetic_flare, "make_example", _hung_in_workers)
+  monkeypatch.setattr(synthetic_flare, "WORKER_TIMEOUT_S", 0.5)
+  with mock.patch.object(synthetic_flare.logging, "warning") as warning:
+    start = time.monotonic()
+    got = [e["rgb"] for e in synthetic_flare.render_examples(_TINY, planned, 2)]
+  assert got == expected
+  assert time.monotonic() - start < 30  # The hung workers were stopped.
+  warning.assert_called_once()
+  assert "delivered nothing" in warning.call_args[0][0]
 
 
 def test_flare_saturates_rgb_ni_inside_mask_and_never_ti(tiny_examples):

@@ -9,14 +9,17 @@ Build (after importing this module, which registers the builder):
   tfds.builder("synthetic_flare/small", data_dir=...).download_and_prepare()
 """
 
+import collections
 import dataclasses
-import functools
 import multiprocessing
 import os
 import struct
+import sys
 from typing import Iterator, Optional
+import warnings
 import zlib
 
+from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -36,6 +39,9 @@ _TAG_LAYOUT = 404
 # (`render_examples`); smaller ones, e.g. every split of `tiny`, in-process.
 PARALLEL_MIN_SAMPLES = 256
 _MAX_PROCESSES = 8
+_CHUNK = 16
+# A worker that delivers nothing for this long is taken as hung.
+WORKER_TIMEOUT_S = 120
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -218,14 +224,23 @@ def _usable_cpus() -> int:
   return os.cpu_count() or 1
 
 
+def _render_chunk(config: SyntheticFlareConfig,
+                  chunk: list[PlannedSample]) -> list[dict]:
+  return [make_example(config, sample) for sample in chunk]
+
+
 def render_examples(config: SyntheticFlareConfig, planned: list[PlannedSample],
                     processes: Optional[int] = None) -> Iterator[dict]:
   """`make_example` of every planned sample, in the plan's order.
 
   Rendering is most of a build's time and a pure function of the config and
-  the sample, so a large split is rendered by forked worker processes, one
-  per usable CPU: the examples (and the PNG bytes) are the same whatever the
-  number of processes. Where fork is not available, it renders in-process.
+  the sample, so on Linux a large split is rendered by forked worker
+  processes, one per usable CPU: the examples (and the PNG bytes) are the
+  same whatever the number of processes. Elsewhere (fork is unsafe on
+  macOS, missing on Windows), or if the workers cannot start, it renders
+  in-process; if they deliver nothing for WORKER_TIMEOUT_S (a hung or
+  killed worker), they are stopped and the rest is rendered in-process. A
+  warning in the log says when either happens.
 
   Args:
     config: the builder config.
@@ -236,15 +251,44 @@ def render_examples(config: SyntheticFlareConfig, planned: list[PlannedSample],
   if processes is None:
     processes = (min(_usable_cpus(), _MAX_PROCESSES)
                  if len(planned) >= PARALLEL_MIN_SAMPLES else 1)
-  if processes <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-    for sample in planned:
-      yield make_example(config, sample)
-    return
-  # fork, not spawn: a spawned worker would import TensorFlow again (seconds
-  # per worker); the forked ones only run NumPy and zlib.
-  with multiprocessing.get_context("fork").Pool(processes) as pool:
-    yield from pool.imap(functools.partial(make_example, config), planned,
-                         chunksize=16)
+  done = 0
+  pool = None
+  if processes > 1 and sys.platform.startswith("linux"):
+    # fork, not spawn: a spawned worker would import TensorFlow and the
+    # calling script again (seconds per worker). JAX warns that forking a
+    # multi-threaded process can deadlock a child that uses it; these
+    # workers only run NumPy and zlib, so that warning is silenced here.
+    try:
+      with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
+                                category=RuntimeWarning)
+        pool = multiprocessing.get_context("fork").Pool(processes)
+    except (OSError, ValueError, AssertionError) as e:
+      logging.warning("synthetic_flare: no worker processes (%s); rendering "
+                      "in-process", e)
+  if pool is not None:
+    chunks = [planned[i:i + _CHUNK] for i in range(0, len(planned), _CHUNK)]
+    in_flight: collections.deque = collections.deque()
+    try:
+      for index in range(len(chunks)):
+        # At most two chunks per worker wait, rendered or not.
+        while len(in_flight) < 2 * processes and (
+            index + len(in_flight) < len(chunks)):
+          in_flight.append(pool.apply_async(
+              _render_chunk, (config, chunks[index + len(in_flight)])))
+        examples = in_flight.popleft().get(timeout=WORKER_TIMEOUT_S)
+        for example in examples:
+          yield example
+        done += len(examples)
+    except multiprocessing.TimeoutError:
+      logging.warning("synthetic_flare: worker processes delivered nothing "
+                      "for %s s; rendering the remaining %d samples "
+                      "in-process", WORKER_TIMEOUT_S, len(planned) - done)
+    finally:
+      pool.terminate()
+      pool.join()
+  for sample in planned[done:]:
+    yield make_example(config, sample)
 
 
 class SyntheticFlare(tfds.core.GeneratorBasedBuilder):
