@@ -201,9 +201,11 @@ def _with_renderer_pid(config, planned):
 
 
 def test_render_examples_keeps_the_plan_order_across_workers(monkeypatch):
-  planned = synthetic_flare.plan_split(_TINY, "train")  # 55 samples, 4 chunks.
+  planned = synthetic_flare.plan_split(_TINY, "train")  # 55 samples.
   serial = list(synthetic_flare.render_examples(_TINY, planned, processes=1))
   monkeypatch.setattr(synthetic_flare, "make_example", _with_renderer_pid)
+  # 14 chunks: more than the 4 that wait at once, so the queue refills.
+  monkeypatch.setattr(synthetic_flare, "_CHUNK", 4)
   forked = list(synthetic_flare.render_examples(_TINY, planned, processes=2))
   assert [e["file"] for e in forked] == [p.file for p in planned]
   assert [e["rgb"] for e in forked] == [e["rgb"] for e in serial]

@@ -11,6 +11,7 @@ Build (after importing this module, which registers the builder):
 
 import collections
 import dataclasses
+import itertools
 import multiprocessing
 import os
 import struct
@@ -267,16 +268,19 @@ def render_examples(config: SyntheticFlareConfig, planned: list[PlannedSample],
       logging.warning("synthetic_flare: no worker processes (%s); rendering "
                       "in-process", e)
   if pool is not None:
-    chunks = [planned[i:i + _CHUNK] for i in range(0, len(planned), _CHUNK)]
-    in_flight: collections.deque = collections.deque()
+    chunks = (planned[i:i + _CHUNK] for i in range(0, len(planned), _CHUNK))
+
+    def submit(chunk):
+      return pool.apply_async(_render_chunk, (config, chunk))
+
+    # At most two chunks per worker wait, rendered or not; each one taken
+    # makes room for the next.
+    in_flight = collections.deque(
+        submit(c) for c in itertools.islice(chunks, 2 * processes))
     try:
-      for index in range(len(chunks)):
-        # At most two chunks per worker wait, rendered or not.
-        while len(in_flight) < 2 * processes and (
-            index + len(in_flight) < len(chunks)):
-          in_flight.append(pool.apply_async(
-              _render_chunk, (config, chunks[index + len(in_flight)])))
+      while in_flight:
         examples = in_flight.popleft().get(timeout=WORKER_TIMEOUT_S)
+        in_flight.extend(submit(c) for c in itertools.islice(chunks, 1))
         for example in examples:
           yield example
         done += len(examples)
