@@ -12,7 +12,7 @@ prints a table with the ratio (docs/performance.md).
 """
 
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import app
 from absl import flags
@@ -45,14 +45,15 @@ def _vmapped(xs, ws):
   return jax.grad(loss, argnums=(0, 1))(jnp.stack(ws), jnp.stack(xs))
 
 
-def _milliseconds(fn: Callable, calls: int, *args) -> float:
+def _milliseconds(fn: Callable, calls: int, *args) -> tuple[float, Any]:
+  """Milliseconds per call of fn(*args) after a warm-up call; its output."""
   jax.block_until_ready(fn(*args))
   start = time.perf_counter()
   out = None
   for _ in range(calls):
     out = fn(*args)
   jax.block_until_ready(out)
-  return 1e3 * (time.perf_counter() - start) / calls
+  return 1e3 * (time.perf_counter() - start) / calls, out
 
 
 def main(argv: Sequence[str]) -> None:
@@ -74,11 +75,10 @@ def main(argv: Sequence[str]) -> None:
     xs = [jax.random.normal(k, (_BATCH.value, h, w, c))
           for k in keys[:_STREAMS]]
     ws = [0.1 * jax.random.normal(k, (3, 3, c, c)) for k in keys[_STREAMS:]]
-    a = _milliseconds(apart, _CALLS.value, xs, ws)
-    b = _milliseconds(vmapped, _CALLS.value, xs, ws)
+    a, grads_apart = _milliseconds(apart, _CALLS.value, xs, ws)
+    b, grads_vmapped = _milliseconds(vmapped, _CALLS.value, xs, ws)
     print(f"| {h}x{w}, {c} | {a:.2f} | {b:.2f} | {b / a:.1f}x |")
     # Both compute the same gradients (up to summation order).
-    grads_apart, grads_vmapped = apart(xs, ws), vmapped(xs, ws)
     for part, stacked in zip(grads_apart, grads_vmapped):
       difference = max(float(jnp.max(jnp.abs(p - q)))
                        for p, q in zip(part, stacked))
