@@ -179,6 +179,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Beyond the paper (paper: 0 = off): on flare-free samples, regress what FCE
   # pastes (conv1x1(f_T) with model.fce_projection) onto the stream's own map.
   config.loss.fce_consistency_weight = 1.0
+  # Beyond the paper (paper: 0 = off): with FCE, each flare stream's map before
+  # FCE is also pooled and trained with its own head's CE and triplet at this
+  # weight, so the stream keeps learning from what its flared images show
+  # (FCE replaces part of it before the stream's own head). Needs plug-in
+  # after ResNet stage 4. Off: on the val split it did not reach the
+  # baseline's flare mAP warm-started (docs/results.md).
+  config.loss.fce_raw_weight = 0.0
   # Modality relation loss: ic (paper) | none | 3m | hc | cdc (Table 5).
   # "none" departs from the paper: IC cost mAP on the validation split.
   config.loss.modality = "none"

@@ -27,6 +27,7 @@ def apply_paper_reading(config):
   config.model.fce_mask_gradient = True
   config.loss.flare_pixel_weight = 0.0
   config.loss.fce_consistency_weight = 0.0
+  config.loss.fce_raw_weight = 0.0
   config.loss.modality = "ic"
   return config
 

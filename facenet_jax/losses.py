@@ -430,6 +430,9 @@ class LossConfig:
       against the saturation map (beyond the paper; 0 = off).
     fce_consistency_weight: weight of each flare modality's FCE consistency
       term (beyond the paper; 0 = off).
+    fce_raw_weight: weight of the CE and triplet terms of each flare
+      stream's features before FCE (the model's raw head; beyond the
+      paper; 0 = off).
     modality: modality-relation loss, one of MODALITY_LOSSES.
     modality_weight: weight of the modality-relation loss.
     modality_margin: margin of the 3M loss.
@@ -442,6 +445,7 @@ class LossConfig:
   flare_weight: float = 1.0
   flare_pixel_weight: float = 0.0
   fce_consistency_weight: float = 0.0
+  fce_raw_weight: float = 0.0
   modality: str = "ic"
   modality_weight: float = 1.0
   modality_margin: float = 0.1
@@ -455,7 +459,7 @@ class LossConfig:
                        f"got {self.label_smoothing}.")
     for name in ("ce_weight", "triplet_weight", "triplet_margin", "flare_weight",
                  "flare_pixel_weight", "fce_consistency_weight",
-                 "modality_weight", "modality_margin"):
+                 "fce_raw_weight", "modality_weight", "modality_margin"):
       value = getattr(self, name)
       if value < 0:
         raise ValueError(f"loss.{name} must be >= 0, got {value}.")
@@ -482,6 +486,8 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
                saturation: Optional[Array] = None,
                fce_guides: Optional[Mapping[str, Array]] = None,
                plug_features: Optional[Mapping[str, Array]] = None,
+               raw_logits: Optional[Mapping[str, Array]] = None,
+               raw_features: Optional[Mapping[str, Array]] = None,
                ) -> tuple[Array, dict[str, Array]]:
   """FACENet's objective (paper eq. 13) with a weight per term.
 
@@ -490,10 +496,12 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
           + flare_weight    * sum_{s in flare_logits} BCE(flare_logits[s], delta_s)
           + modality_weight * L_modality
           + flare_pixel_weight     * sum_s flare_pixel_bce(flare_maps[s], sat_s)
-          + fce_consistency_weight * sum_s fce_consistency(guide_s, f_s, delta_s),
+          + fce_consistency_weight * sum_s fce_consistency(guide_s, f_s, delta_s)
+          + fce_raw_weight * sum_s (ce_weight * CE(raw_logits[s], labels)
+                                    + triplet_weight * triplet(raw_features[s])),
   s over the streams in `logits` (normally "rgb", "ni", "ti"). The flare sum is
   empty for a model without MFMP. L_modality is IC on the RGB and NI logits,
-  or 3M / HC / CdC on the features, or absent for "none". The last two terms
+  or 3M / HC / CdC on the features, or absent for "none". The last three terms
   go beyond the paper and are computed only when their weight is > 0.
 
   Args:
@@ -511,6 +519,10 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
     fce_guides: stream -> (B, h, w, C) pasted maps; needed when
       fce_consistency_weight > 0 (with plug_features, f_S before FCE).
     plug_features: stream -> (B, h, w, C).
+    raw_logits: stream -> (B, C) logits of the features before FCE (the
+      model's raw head); needed, with raw_features (B, D), when
+      fce_raw_weight > 0 and the model has FCE.
+    raw_features: stream -> (B, D).
 
   Returns:
     total: scalar, the weighted sum.
@@ -556,6 +568,16 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
           fce_guides[stream], plug_features[stream], flare_targets[:, column])
       total += (config.fce_consistency_weight *
                 terms[f"fce_consistency_{stream}"])
+  if config.fce_raw_weight > 0 and raw_logits:
+    for stream in raw_logits:
+      terms[f"ce_raw_{stream}"] = cross_entropy(
+          raw_logits[stream], labels, config.label_smoothing)
+      terms[f"triplet_raw_{stream}"] = batch_hard_triplet(
+          raw_features[stream], labels, config.triplet_margin,
+          config.triplet_soft_margin)
+      total += config.fce_raw_weight * (
+          config.ce_weight * terms[f"ce_raw_{stream}"] +
+          config.triplet_weight * terms[f"triplet_raw_{stream}"])
   if config.modality != "none":
     name = f"modality_{config.modality}"
     terms[name] = _modality_loss(config.modality, logits, features, labels,

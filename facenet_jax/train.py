@@ -121,6 +121,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
       fce_clean=m.fce_clean, fce_inference_mask=m.fce_inference_mask,
       fce_fill=m.fce_fill, fce_guide_gradient=m.fce_guide_gradient,
       fce_mask_gradient=m.fce_mask_gradient,
+      raw_head=config.loss.get("fce_raw_weight", 0.0) > 0,
       embedding_source=m.embedding, dtype=DTYPES[m.dtype])
 
 
@@ -365,7 +366,8 @@ def training_loss(params: Any, *, batch_stats: Any,
       head(out.logits), head(out.features), out.flare_logits,
       batch["label"][:size], batch["flare"], loss_cfg,
       flare_maps=out.flare_maps, saturation=batch.get("saturation"),
-      fce_guides=out.fce_guides, plug_features=out.plug_features)
+      fce_guides=out.fce_guides, plug_features=out.plug_features,
+      raw_logits=head(out.raw_logits), raw_features=head(out.raw_features))
   if restore.copies:
     for m in FLARE_MODALITIES:
       terms[f"ce_flared_{m}"] = losses.cross_entropy(

@@ -462,6 +462,51 @@ class FCEOptionsTest(absltest.TestCase):
     self.assertEqual(mask_kernel(without), 0.0)
     self.assertEqual(float(without["rgb_mask"]["threshold"]), 0.0)
 
+  def test_raw_head_pools_the_map_before_fce_and_leaves_the_embedding(self):
+    images = _images(jax.random.key(14), 4)
+    flare = jnp.ones((4, 2))
+    model, variables = _tiny_variables(fce_clean="identity")
+    raw_model, raw_variables = _tiny_variables(fce_clean="identity",
+                                               raw_head=True)
+    self.assertIn("rgb_raw_head", raw_variables["params"])
+    self.assertNotIn("ti_raw_head", raw_variables["params"])
+    shared = {**raw_variables["params"], **variables["params"]}
+    out = model.apply(variables, images, flare)
+    raw = raw_model.apply({**raw_variables, "params": shared}, images, flare)
+    np.testing.assert_allclose(raw.embedding, out.embedding, rtol=1e-5,
+                               atol=1e-6)
+    for m in ("rgb", "ni"):
+      np.testing.assert_allclose(
+          raw.raw_features[m], jnp.mean(raw.plug_features[m], axis=(1, 2)),
+          rtol=1e-5, atol=1e-6)
+    # FCE changed the flare samples' features, and the raw head's are not
+    # those the stream's own head pools.
+    self.assertGreater(float(jnp.abs(raw.raw_features["rgb"] -
+                                     raw.features["rgb"]).max()), 1e-4)
+    self.assertEqual(dict(out.raw_logits), {})
+
+    # The raw CE trains the RGB stream where FCE pasted f_T, and only the raw
+    # head, not the stream's own one.
+    labels = jnp.array([0, 1, 0, 1])
+    cfg = losses.LossConfig(flare_weight=0.0, fce_raw_weight=1.0,
+                            modality="none")
+
+    def objective(o):
+      total, terms = losses.total_loss(
+          {}, {}, {}, labels, flare, cfg, raw_logits=o.raw_logits,
+          raw_features=o.raw_features)
+      self.assertIn("ce_raw_rgb", terms)
+      self.assertIn("triplet_raw_ni", terms)
+      return total
+
+    grads = _train_grads(raw_model, raw_variables, images, flare, objective)
+    self.assertGreater(_abs_sum(grads["rgb_backbone"]), 0.0)
+    self.assertGreater(_abs_sum(grads["rgb_raw_head"]), 0.0)
+    self.assertEqual(_abs_sum(grads["rgb_head"]), 0.0)
+    self.assertEqual(_abs_sum(grads["ti_backbone"]), 0.0)
+    with self.assertRaisesRegex(ValueError, "fce_raw_weight"):
+      _tiny_variables(raw_head=True, plug_stage=3)
+
   def test_clean_identity_passes_features_unchanged(self):
     images = _images(jax.random.key(9), 2)
     flare = jnp.zeros((2, 2))

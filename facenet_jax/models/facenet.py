@@ -66,6 +66,11 @@ class ModelOutput:
       only; empty without FCE.
     plug_features: flare modality -> (B, h, w, C) f_S at the plug-in point,
       before FCE; empty without FCE.
+    raw_features: flare modality -> (B, D) the pooled f_S before FCE
+      (`raw_head`); empty otherwise.
+    raw_logits: flare modality -> (B, num_classes) identity logits of
+      raw_features through the stream's second head (`raw_head`); empty
+      otherwise.
   """
   embedding: Array
   features: Mapping[str, Array]
@@ -76,6 +81,8 @@ class ModelOutput:
   flare_maps: Mapping[str, Array] = flax.core.FrozenDict()
   fce_guides: Mapping[str, Array] = flax.core.FrozenDict()
   plug_features: Mapping[str, Array] = flax.core.FrozenDict()
+  raw_features: Mapping[str, Array] = flax.core.FrozenDict()
+  raw_logits: Mapping[str, Array] = flax.core.FrozenDict()
 
 
 def _conv_bn_relu(x: Array, features: int, kernel: int, train: bool,
@@ -395,6 +402,13 @@ class FACENet(nn.Module):
       that only the flare losses shape the mask (beyond the paper): the
       identity losses otherwise learn to switch the mask off when pasting
       costs them.
+    raw_head: with FCE, each flare stream also pools its map before FCE
+      and classifies it with a head of its own ("<m>_raw_head"), so that
+      an identity loss on it (loss.fce_raw_weight) keeps training the
+      stream on what its flared images show, which FCE hides from the
+      stream's own head (beyond the paper). Needs a ResNet plugged in
+      after its last stage, where pooling follows FCE directly. The
+      embedding is unchanged.
     embedding_source: "before_bn" or "after_bn" stream features.
     dtype: compute dtype (parameters are float32).
   """
@@ -424,6 +438,7 @@ class FACENet(nn.Module):
   fce_fill: str = "ti"
   fce_guide_gradient: bool = True
   fce_mask_gradient: bool = True
+  raw_head: bool = False
   embedding_source: str = "before_bn"
   dtype: Dtype = jnp.float32
 
@@ -439,12 +454,18 @@ class FACENet(nn.Module):
     plug_stage = backbones_lib.resolve_plug_stage(self.backbone_name,
                                                   self.plug_stage)
     entry = backbones_lib.info(self.backbone_name)
-    if self.fce_fill == "none" and self.use_fce and (
-        entry.family != "resnet" or plug_stage != entry.num_stages):
+    last_stage = entry.family == "resnet" and plug_stage == entry.num_stages
+    if self.fce_fill == "none" and self.use_fce and not last_stage:
       raise ValueError(
           "model.fce_fill='none' needs a ResNet plugged in after its last "
           "stage (plug_stage 4): it leaves the masked positions out of the "
           "global pooling that follows, got "
+          f"{self.backbone_name} plug_stage={plug_stage}")
+    if self.raw_head and self.use_fce and not last_stage:
+      raise ValueError(
+          "loss.fce_raw_weight > 0 needs a ResNet plugged in after its last "
+          "stage (plug_stage 4): the stream's map before FCE is pooled "
+          "directly, got "
           f"{self.backbone_name} plug_stage={plug_stage}")
     if not 0 <= self.mask_stage <= plug_stage:
       raise ValueError(f"model.mask_stage must be 0 (the plug-in stage) or "
@@ -545,6 +566,7 @@ class FACENet(nn.Module):
           paste = nn.sigmoid(margin)
         clean = enhanced if self.fce_clean == "enhanced" else maps[m]
         if self.fce_fill == "none":
+          plug_features[m] = maps[m]
           gate = (flare[:, i] > 0.5)[:, None, None, None]
           maps[m] = jnp.where(gate, maps[m], clean)
           pool_weights[m] = 1 - paste * gate.astype(paste.dtype)
@@ -583,9 +605,16 @@ class FACENet(nn.Module):
       features[m], necks[m], logits[m] = StreamHead(
           self.num_classes, self.dtype, name=f"{m}_head")(
               pooled[m], train)
+    raw_features, raw_logits = {}, {}
+    if self.raw_head and self.use_fce:
+      for m in plug_features:
+        raw_features[m], _, raw_logits[m] = StreamHead(
+            self.num_classes, self.dtype, name=f"{m}_raw_head")(
+                jnp.mean(plug_features[m], axis=(1, 2)), train)
     source = features if self.embedding_source == "before_bn" else necks
     embedding = jnp.concatenate([source[m] for m in MODALITIES], axis=-1)
     return ModelOutput(embedding=embedding, features=features, logits=logits,
                        masks=masks, flare_logits=flare_logits,
                        thresholds=thresholds, flare_maps=flare_maps,
-                       fce_guides=guides, plug_features=plug_features)
+                       fce_guides=guides, plug_features=plug_features,
+                       raw_features=raw_features, raw_logits=raw_logits)
