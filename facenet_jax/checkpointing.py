@@ -4,6 +4,8 @@ A run's workdir holds:
   checkpoints/<step>/   Orbax StandardSave of the TrainState pytree.
   config.json           the run's ConfigDict, written at the first start and
                         compared at every restart and every restore.
+  run_info.json         values derived from the data, and the environment
+                        (package versions, backend) the run started under.
   eval_results.json     metrics of the final state on the test split
                         (eval_results_val.json: on the val split).
 
@@ -16,8 +18,10 @@ without building the source's model.
 """
 
 import dataclasses
+import importlib.metadata
 import json
 import os
+import platform
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from absl import logging
@@ -30,6 +34,13 @@ from facenet_jax.models import backbones
 
 CONFIG_FILE = "config.json"
 RUN_INFO_FILE = "run_info.json"
+# The packages whose versions can change a run's numbers: a run is
+# deterministic for one set of them, not necessarily across sets (the
+# commit that recorded a 46.0 val mAP in docs/results.md gives 49.2 under
+# later packages), so run_info.json records them.
+ENVIRONMENT_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
+                        "numpy", "tensorflow", "tensorflow-cpu",
+                        "tensorflow-datasets", "scikit-image", "pillow")
 # The evaluation of the final state (split_file gives the val split's name).
 EVAL_RESULTS_FILE = "eval_results.json"
 # Config fields that may differ between a checkpoint and the run restoring it:
@@ -182,6 +193,53 @@ def _spelled_out(flat: dict) -> dict:
       return flat
     flat = {**flat, "model.plug_stage": stage}
   return flat
+
+
+def environment() -> dict:
+  """Python, backend, device count and ENVIRONMENT_PACKAGES' versions."""
+  packages = {}
+  for name in ENVIRONMENT_PACKAGES:
+    try:
+      packages[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      continue
+  return {"python": platform.python_version(),
+          "backend": jax.default_backend(),
+          "device_kind": jax.devices()[0].device_kind,
+          "process_count": jax.process_count(),
+          "device_count": jax.device_count(),
+          "packages": packages}
+
+
+def record_environment(workdir: str) -> dict:
+  """The `environment` and `resumed_environments` fields of run_info.json.
+
+  A new run records the environment it starts under; a resumed one keeps
+  that record and, when it resumes under another environment, appends it to
+  `resumed_environments` and logs the difference (its numbers may then
+  differ from an uninterrupted run's).
+  """
+  current = environment()
+  try:
+    previous = read_run_info(workdir)
+  except FileNotFoundError:
+    previous = {}
+  first = previous.get("environment")
+  if first is None:
+    return {"environment": current}
+  resumed = list(previous.get("resumed_environments", []))
+  last = resumed[-1] if resumed else first
+  if current != last:
+    changed = sorted(k for k in set(current) | set(last)
+                     if current.get(k) != last.get(k))
+    logging.warning("%s resumes under another environment (%s changed) "
+                    "than it last ran under: its numbers may differ from "
+                    "an uninterrupted run's.", workdir, ", ".join(changed))
+    resumed.append(current)
+  fields = {"environment": first}
+  if resumed:
+    fields["resumed_environments"] = resumed
+  return fields
 
 
 def write_run_info(workdir: str, **info: Any) -> None:

@@ -955,7 +955,8 @@ def train_and_evaluate(
 
   num_cameras = int(train_data.camid.max()) + 1 if len(train_data.camid) else 0
   checkpointing.write_run_info(workdir, num_classes=num_classes,
-                               steps_per_epoch=spe, num_cameras=num_cameras)
+                               steps_per_epoch=spe, num_cameras=num_cameras,
+                               **checkpointing.record_environment(workdir))
   model = build_model(config, num_classes, num_cameras)
   schedule = learning_rate_schedule(config, spe)
   optimizer = build_optimizer(config, schedule)

@@ -72,6 +72,10 @@ class EndToEndTest(absltest.TestCase):
     self.assertBetween(saved["mAP"], 0.0, 1.0)
     self.assertTrue(os.path.isdir(os.path.join(self.workdir, "checkpoints",
                                                "4")))
+    with open(os.path.join(self.workdir, "run_info.json")) as f:
+      env = json.load(f)["environment"]
+    self.assertEqual(env["packages"]["jax"], jax.__version__)
+    self.assertEqual(env["backend"], "cpu")
 
   def test_console_shows_header_progress_and_results(self):
     out = self.console.getvalue()

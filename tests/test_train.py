@@ -200,6 +200,35 @@ def _older_run(config, edit) -> str:
   return workdir
 
 
+class EnvironmentRecordTest(absltest.TestCase):
+
+  def test_first_start_records_and_a_changed_resume_is_appended(self):
+    workdir = tempfile.mkdtemp()
+    fields = checkpointing.record_environment(workdir)
+    self.assertEqual(set(fields), {"environment"})
+    env = fields["environment"]
+    self.assertEqual(env["packages"]["jax"], jax.__version__)
+    self.assertEqual(env["backend"], jax.default_backend())
+    self.assertEqual(env["device_count"], jax.device_count())
+    checkpointing.write_run_info(workdir, num_classes=3, **fields)
+    # The same environment again: nothing appended, nothing logged.
+    with self.assertNoLogs(level="WARNING"):
+      self.assertEqual(checkpointing.record_environment(workdir), fields)
+    # A run started under other versions keeps its first record.
+    older = json.loads(json.dumps(env))
+    older["packages"]["jax"] = "0.0.1"
+    checkpointing.write_run_info(workdir, num_classes=3, environment=older)
+    with self.assertLogs(level="WARNING") as logs:
+      resumed = checkpointing.record_environment(workdir)
+    self.assertIn("packages changed", logs.output[0])
+    self.assertEqual(resumed["environment"], older)
+    self.assertEqual(resumed["resumed_environments"], [env])
+    checkpointing.write_run_info(workdir, num_classes=3, **resumed)
+    self.assertEqual(checkpointing.record_environment(workdir), resumed)
+    self.assertEqual(
+        checkpointing.read_run_info(workdir)["resumed_environments"], [env])
+
+
 class OlderRunDirectoryTest(absltest.TestCase):
 
   def test_config_json_without_later_fields_still_matches(self):
