@@ -211,30 +211,35 @@ def environment() -> dict:
           "packages": packages}
 
 
-def record_environment(workdir: str) -> dict:
+def record_environment(workdir: str, has_state: bool) -> dict:
   """The `environment` and `resumed_environments` fields of run_info.json.
 
-  A new run records the environment it starts under; a resumed one keeps
-  that record and, when it resumes under another environment, appends it to
-  `resumed_environments` and logs the difference (its numbers may then
-  differ from an uninterrupted run's).
+  A new run (no checkpoint yet) records the environment it starts under. A
+  resumed one keeps that record and, when it resumes under another
+  environment, appends it to `resumed_environments` and logs the difference
+  (its numbers may then differ from an uninterrupted run's). A run resumed
+  from before this record existed gets `environment` None: its start is
+  unknown.
   """
   current = environment()
-  try:
-    previous = read_run_info(workdir)
-  except FileNotFoundError:
-    previous = {}
-  first = previous.get("environment")
-  if first is None:
+  previous = {}
+  if has_state:
+    try:
+      previous = read_run_info(workdir)
+    except (FileNotFoundError, ValueError):
+      previous = {}
+  if not has_state:
     return {"environment": current}
+  first = previous.get("environment")
   resumed = list(previous.get("resumed_environments", []))
   last = resumed[-1] if resumed else first
   if current != last:
-    changed = sorted(k for k in set(current) | set(last)
-                     if current.get(k) != last.get(k))
-    logging.warning("%s resumes under another environment (%s changed) "
-                    "than it last ran under: its numbers may differ from "
-                    "an uninterrupted run's.", workdir, ", ".join(changed))
+    if last is not None:
+      changed = sorted(k for k in set(current) | set(last)
+                       if current.get(k) != last.get(k))
+      logging.warning("%s resumes under another environment (%s changed) "
+                      "than it last ran under: its numbers may differ from "
+                      "an uninterrupted run's.", workdir, ", ".join(changed))
     resumed.append(current)
   fields = {"environment": first}
   if resumed:
@@ -249,8 +254,11 @@ def write_run_info(workdir: str, **info: Any) -> None:
   training split again.
   """
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, RUN_INFO_FILE), "w") as f:
+    # Written whole then renamed: an interrupted write leaves the old file.
+    path = os.path.join(workdir, RUN_INFO_FILE)
+    with open(path + ".tmp", "w") as f:
       json.dump(info, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 def read_run_info(workdir: str) -> dict:

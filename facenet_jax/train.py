@@ -143,6 +143,11 @@ def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
     raise ValueError(
         "loss.fce_consistency_weight > 0 trains FCE's TI projection: it needs "
         "model.fce_projection=True (or weight 0)")
+  if config.loss.get("fce_raw_weight", 0.0) > 0 and not (
+      config.model.use_fce and config.model.use_mfmp):
+    raise ValueError(
+        "loss.fce_raw_weight > 0 trains the flare streams' maps before FCE: "
+        "it needs model.use_fce=True and model.use_mfmp=True (or weight 0)")
   if config.loss.flare_pixel_weight > 0 and config.model.use_mfmp:
     _check_pixel_target_grid(config)
   return losses.LossConfig(**config.loss.to_dict())
@@ -954,9 +959,10 @@ def train_and_evaluate(
                train_data.num_examples, num_classes, spe, num_steps)
 
   num_cameras = int(train_data.camid.max()) + 1 if len(train_data.camid) else 0
-  checkpointing.write_run_info(workdir, num_classes=num_classes,
-                               steps_per_epoch=spe, num_cameras=num_cameras,
-                               **checkpointing.record_environment(workdir))
+  checkpointing.write_run_info(
+      workdir, num_classes=num_classes, steps_per_epoch=spe,
+      num_cameras=num_cameras, **checkpointing.record_environment(
+          workdir, has_state=ckpt.latest_step() is not None))
   model = build_model(config, num_classes, num_cameras)
   schedule = learning_rate_schedule(config, spe)
   optimizer = build_optimizer(config, schedule)

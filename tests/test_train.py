@@ -204,29 +204,58 @@ class EnvironmentRecordTest(absltest.TestCase):
 
   def test_first_start_records_and_a_changed_resume_is_appended(self):
     workdir = tempfile.mkdtemp()
-    fields = checkpointing.record_environment(workdir)
+    fields = checkpointing.record_environment(workdir, has_state=False)
     self.assertEqual(set(fields), {"environment"})
     env = fields["environment"]
     self.assertEqual(env["packages"]["jax"], jax.__version__)
     self.assertEqual(env["backend"], jax.default_backend())
     self.assertEqual(env["device_count"], jax.device_count())
     checkpointing.write_run_info(workdir, num_classes=3, **fields)
+    self.assertFalse(os.path.exists(os.path.join(
+        workdir, checkpointing.RUN_INFO_FILE + ".tmp")))
     # The same environment again: nothing appended, nothing logged.
     with self.assertNoLogs(level="WARNING"):
-      self.assertEqual(checkpointing.record_environment(workdir), fields)
+      self.assertEqual(
+          checkpointing.record_environment(workdir, has_state=True), fields)
     # A run started under other versions keeps its first record.
     older = json.loads(json.dumps(env))
     older["packages"]["jax"] = "0.0.1"
     checkpointing.write_run_info(workdir, num_classes=3, environment=older)
     with self.assertLogs(level="WARNING") as logs:
-      resumed = checkpointing.record_environment(workdir)
+      resumed = checkpointing.record_environment(workdir, has_state=True)
     self.assertIn("packages changed", logs.output[0])
     self.assertEqual(resumed["environment"], older)
     self.assertEqual(resumed["resumed_environments"], [env])
     checkpointing.write_run_info(workdir, num_classes=3, **resumed)
-    self.assertEqual(checkpointing.record_environment(workdir), resumed)
     self.assertEqual(
-        checkpointing.read_run_info(workdir)["resumed_environments"], [env])
+        checkpointing.record_environment(workdir, has_state=True), resumed)
+    # With no checkpoint yet, a restart is a new start: recorded afresh.
+    self.assertEqual(
+        checkpointing.record_environment(workdir, has_state=False),
+        {"environment": env})
+
+  def test_resumed_run_without_a_record_has_an_unknown_start(self):
+    workdir = tempfile.mkdtemp()
+    # Written before the record existed ...
+    checkpointing.write_run_info(workdir, num_classes=3)
+    fields = checkpointing.record_environment(workdir, has_state=True)
+    self.assertIsNone(fields["environment"])
+    self.assertEqual(fields["resumed_environments"],
+                     [checkpointing.environment()])
+    # ... or cut short by an interrupted write of an older version.
+    with open(os.path.join(workdir, checkpointing.RUN_INFO_FILE), "w") as f:
+      f.write('{"num_classes": ')
+    self.assertIsNone(checkpointing.record_environment(
+        workdir, has_state=True)["environment"])
+
+  def test_raw_weight_without_fce_is_refused(self):
+    config = tiny.get_config()
+    config.loss.fce_raw_weight = 1.0
+    config.model.use_fce = False
+    with self.assertRaisesRegex(ValueError, "loss.fce_raw_weight"):
+      train.loss_config(config)
+    config.model.use_fce = True
+    self.assertEqual(train.loss_config(config).fce_raw_weight, 1.0)
 
 
 class OlderRunDirectoryTest(absltest.TestCase):

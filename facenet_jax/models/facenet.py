@@ -610,7 +610,7 @@ class FACENet(nn.Module):
       for m in plug_features:
         raw_features[m], _, raw_logits[m] = StreamHead(
             self.num_classes, self.dtype, name=f"{m}_raw_head")(
-                jnp.mean(plug_features[m], axis=(1, 2)), train)
+                backbones[m].pool(plug_features[m]), train)
     source = features if self.embedding_source == "before_bn" else necks
     embedding = jnp.concatenate([source[m] for m in MODALITIES], axis=-1)
     return ModelOutput(embedding=embedding, features=features, logits=logits,
