@@ -190,9 +190,12 @@ class TrainingLossTest(absltest.TestCase):
           loss_cfg=train.loss_config(config), restore=restore,
           dropout_rng=jax.random.key(1))
     self.assertEqual(out.embedding.shape[0], size + 4)
-    # Every other term of the tiny config has weight 1.
-    weights = {k: v for k, v in config.loss.items() if k.endswith("_weight")}
+    # Every other term of the tiny config has weight 1, or 0 and is absent.
+    weights = {k: v for k, v in config.loss.items()
+               if k.endswith("_weight") and v != 0}
     self.assertEqual(set(weights.values()), {1.0}, weights)
+    self.assertEqual(config.loss.fce_raw_weight, 0.0)
+    self.assertFalse([k for k in terms if "_raw_" in k], terms.keys())
     terms = {k: float(v) for k, v in terms.items()}
     total = terms.pop("total")
     self.assertAlmostEqual(total, float(loss), places=5)
