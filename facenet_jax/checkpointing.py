@@ -222,14 +222,12 @@ def record_environment(workdir: str, has_state: bool) -> dict:
   unknown.
   """
   current = environment()
-  previous = {}
-  if has_state:
-    try:
-      previous = read_run_info(workdir)
-    except (FileNotFoundError, ValueError):
-      previous = {}
   if not has_state:
     return {"environment": current}
+  try:
+    previous = read_run_info(workdir)
+  except (FileNotFoundError, ValueError):
+    previous = {}
   first = previous.get("environment")
   resumed = list(previous.get("resumed_environments", []))
   last = resumed[-1] if resumed else first

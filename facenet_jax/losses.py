@@ -479,6 +479,26 @@ def _modality_loss(name: str, logits: Mapping[str, Array],
   return cdc_loss(features, labels)
 
 
+def _identity_terms(logits: Mapping[str, Array], features: Mapping[str, Array],
+                    labels: Array, config: LossConfig, tag: str = ""
+                    ) -> tuple[dict[str, Array], Array]:
+  """Each stream's CE and batch-hard triplet, and their weighted sum.
+
+  The terms are named "ce<tag>_<stream>" and "triplet<tag>_<stream>".
+  """
+  terms = {}
+  total = 0.0
+  for stream in logits:
+    terms[f"ce{tag}_{stream}"] = cross_entropy(logits[stream], labels,
+                                               config.label_smoothing)
+    terms[f"triplet{tag}_{stream}"] = batch_hard_triplet(
+        features[stream], labels, config.triplet_margin,
+        config.triplet_soft_margin)
+    total += (config.ce_weight * terms[f"ce{tag}_{stream}"] +
+              config.triplet_weight * terms[f"triplet{tag}_{stream}"])
+  return terms, total
+
+
 def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
                flare_logits: Mapping[str, Array], labels: Array,
                flare_targets: Array, config: LossConfig, *,
@@ -537,16 +557,7 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
   if unknown:
     raise ValueError(f"total_loss: flare_logits has streams {sorted(unknown)}; "
                      f"only {FLARE_MODALITIES} have SMP heads.")
-  terms = {}
-  total = 0.0
-  for stream in logits:
-    terms[f"ce_{stream}"] = cross_entropy(logits[stream], labels,
-                                          config.label_smoothing)
-    terms[f"triplet_{stream}"] = batch_hard_triplet(
-        features[stream], labels, config.triplet_margin,
-        config.triplet_soft_margin)
-    total += (config.ce_weight * terms[f"ce_{stream}"] +
-              config.triplet_weight * terms[f"triplet_{stream}"])
+  terms, total = _identity_terms(logits, features, labels, config)
   for stream in flare_logits:
     column = FLARE_MODALITIES.index(stream)
     terms[f"flare_{stream}"] = flare_bce(flare_logits[stream],
@@ -569,15 +580,10 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
       total += (config.fce_consistency_weight *
                 terms[f"fce_consistency_{stream}"])
   if config.fce_raw_weight > 0 and raw_logits:
-    for stream in raw_logits:
-      terms[f"ce_raw_{stream}"] = cross_entropy(
-          raw_logits[stream], labels, config.label_smoothing)
-      terms[f"triplet_raw_{stream}"] = batch_hard_triplet(
-          raw_features[stream], labels, config.triplet_margin,
-          config.triplet_soft_margin)
-      total += config.fce_raw_weight * (
-          config.ce_weight * terms[f"ce_raw_{stream}"] +
-          config.triplet_weight * terms[f"triplet_raw_{stream}"])
+    raw_terms, raw_total = _identity_terms(raw_logits, raw_features, labels,
+                                           config, tag="_raw")
+    terms.update(raw_terms)
+    total += config.fce_raw_weight * raw_total
   if config.modality != "none":
     name = f"modality_{config.modality}"
     terms[name] = _modality_loss(config.modality, logits, features, labels,

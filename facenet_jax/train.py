@@ -121,7 +121,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
       fce_clean=m.fce_clean, fce_inference_mask=m.fce_inference_mask,
       fce_fill=m.fce_fill, fce_guide_gradient=m.fce_guide_gradient,
       fce_mask_gradient=m.fce_mask_gradient,
-      raw_head=config.loss.get("fce_raw_weight", 0.0) > 0,
+      raw_head=config.loss.fce_raw_weight > 0,
       embedding_source=m.embedding, dtype=DTYPES[m.dtype])
 
 
@@ -143,7 +143,7 @@ def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
     raise ValueError(
         "loss.fce_consistency_weight > 0 trains FCE's TI projection: it needs "
         "model.fce_projection=True (or weight 0)")
-  if config.loss.get("fce_raw_weight", 0.0) > 0 and not (
+  if config.loss.fce_raw_weight > 0 and not (
       config.model.use_fce and config.model.use_mfmp):
     raise ValueError(
         "loss.fce_raw_weight > 0 trains the flare streams' maps before FCE: "
