@@ -887,6 +887,8 @@ def _model_summary(config: ml_collections.ConfigDict) -> str:
   if m.use_mfmp:
     loss += " + flare" + (" (+ pixel)" if config.loss.flare_pixel_weight > 0
                           else "")
+  if m.use_fce and config.loss.fce_raw_weight > 0:
+    loss += " + CE/triplet before FCE"
   if config.loss.modality != "none":
     loss += f" + {config.loss.modality.upper()}"
   h, w = config.input_size

@@ -256,6 +256,10 @@ class EnvironmentRecordTest(absltest.TestCase):
       train.loss_config(config)
     config.model.use_fce = True
     self.assertEqual(train.loss_config(config).fce_raw_weight, 1.0)
+    # The console's model line names the extra loss only when it acts.
+    self.assertIn("+ CE/triplet before FCE", train._model_summary(config))
+    config.loss.fce_raw_weight = 0.0
+    self.assertNotIn("before FCE", train._model_summary(config))
 
 
 class OlderRunDirectoryTest(absltest.TestCase):
