@@ -395,7 +395,7 @@ def main(argv: Sequence[str]) -> None:
     achieved = f"{tflops:.3f}" if what != "torch eager" else "-"
     share = (f"{100 * tflops / peak:.1f}" if peak and what != "torch eager"
              else "-")
-    print(f"| {what} | {network} | {1e3 * seconds:.1f} | {1 / seconds:.2f} | "
+    print(f"| {what} | {network} | {1e3 * seconds:.1f} | {1 / seconds:.3g} | "
           f"{batch / seconds:.1f} | {ratio} | {achieved} | {share} |")
   for rows in jax_rows:
     network = _network(rows.config)
