@@ -163,6 +163,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.fce_mask_gradient = False
   # Retrieval embedding from stream features "before_bn" or "after_bn" (neck).
   config.model.embedding = "before_bn"
+  # How retrieval compares two images' stream features (facenet_jax/fusion.py,
+  # docs/model.md#flare-aware-fusion): "concat" (the paper: one L2-normalised
+  # vector, Euclidean) or, beyond the paper, a flare-aware fusion that weights
+  # each image's RGB and NI segments by its own flare evidence in a
+  # pair-normalised distance: "fixed" (fusion_weight where delta = 1),
+  # "saturation" (falls linearly with the raw image's saturated fraction to
+  # fusion_weight at fusion_full_ratio) or "gate" (learned with a triplet on
+  # that distance, loss.fusion_triplet_weight). The training-free ones can be
+  # chosen on a finished run's val split: scripts/fusion.py.
+  config.model.fusion = "concat"
+  config.model.fusion_weight = 0.5
+  config.model.fusion_full_ratio = 0.2
 
   # --- Loss -------------------------------------------------------------------
   config.loss = ml_collections.ConfigDict()
@@ -191,6 +203,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.modality = "none"
   config.loss.modality_weight = 1.0
   config.loss.modality_margin = 0.1
+  # Beyond the paper: the triplet on the learned fusion's distance
+  # (model.fusion = "gate"; unused otherwise).
+  config.loss.fusion_triplet_weight = 1.0
 
   # --- Restoration training (beyond the paper; off in the paper) ---------------
   # copies > 0: each step renders a flare (facenet_jax/flare_render.py, a

@@ -51,7 +51,11 @@ RESUMABLE_FIELDS = ("num_epochs", "num_train_steps", "log_every_steps",
                     # How the input is fed (cache, prefetch), not what it is.
                     "input",
                     # Which mask FCE pastes with at evaluation: no state.
-                    "model.fce_inference_mask")
+                    "model.fce_inference_mask",
+                    # The training-free fusions' settings: no state (a
+                    # change to or from the learned "gate" is refused).
+                    "model.fusion", "model.fusion_weight",
+                    "model.fusion_full_ratio")
 
 
 # Config fields added after the first release, with the values that
@@ -74,12 +78,16 @@ ADDED_FIELDS = {"preprocess": {"clahe": False, "clahe_clip_limit": 0.01},
                           "fce_mask_gradient": True,
                           # Before the ViT streams (ResNets ignore these).
                           "drop_path": 0.0, "camera_embedding": False,
-                          "camera_embedding_scale": 3.0},
+                          "camera_embedding_scale": 3.0,
+                          # Before the flare-aware fusion.
+                          "fusion": "concat", "fusion_weight": 0.5,
+                          "fusion_full_ratio": 0.2},
                 "optimizer": {"name": "adam", "momentum": 0.9,
                               "warmup_factor": 0.0, "min_lr_factor": 0.0},
                 "loss": {"flare_pixel_weight": 0.0,
                          "fce_consistency_weight": 0.0,
-                         "fce_raw_weight": 0.0},
+                         "fce_raw_weight": 0.0,
+                         "fusion_triplet_weight": 1.0},
                 "input": {"cache": "auto", "cache_max_gb": 4.0,
                           "device_prefetch": 2, "threads": -1},
                 # Before restoration training (beyond the paper; off).
@@ -168,7 +176,11 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
   current_flat = _spelled_out(flatten_config(current))
   diffs = []
   for key in sorted(set(saved_flat) | set(current_flat)):
-    if key in ignored or key.split(".")[0] in ignored:
+    # The learned fusion has parameters: only the training-free fusions
+    # may stand in for each other.
+    gate = key == "model.fusion" and "gate" in (saved_flat.get(key),
+                                                current_flat.get(key))
+    if (key in ignored or key.split(".")[0] in ignored) and not gate:
       continue
     if saved_flat.get(key, "<absent>") != current_flat.get(key, "<absent>"):
       diffs.append(f"  {key}: saved {saved_flat.get(key, '<absent>')!r}, "
@@ -268,15 +280,63 @@ def read_run_info(workdir: str) -> dict:
     return json.load(f)
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The ConfigDict a run was started with (WORKDIR/config.json)."""
+def load_config(workdir: str,
+                recorded_fusion: bool = True) -> ml_collections.ConfigDict:
+  """The ConfigDict a run was started with (WORKDIR/config.json).
+
+  With `recorded_fusion`, the fusion chosen on the run's val split
+  (WORKDIR/fusion.json, scripts/fusion.py) replaces the trained one, so that
+  the Embedder, the export and the pictures rank as was chosen.
+  """
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: {workdir} is not a run "
                             "directory written by scripts/main.py")
   with open(path) as f:
     saved = _with_added_fields(json.load(f))
-  return ml_collections.ConfigDict(_tuples(saved))
+  config = ml_collections.ConfigDict(_tuples(saved))
+  if recorded_fusion:
+    apply_recorded_fusion(config, workdir)
+  return config
+
+
+# The training-free fusion chosen on a run's val split (scripts/fusion.py).
+FUSION_FILE = "fusion.json"
+FUSION_FIELDS = ("fusion", "fusion_weight", "fusion_full_ratio")
+
+
+def read_recorded_fusion(workdir: str) -> Optional[dict]:
+  """WORKDIR/fusion.json's choice {model field: value}, or None."""
+  path = os.path.join(workdir, FUSION_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    choice = json.load(f)["choice"]
+  return {k: choice[k] for k in FUSION_FIELDS}
+
+
+def apply_recorded_fusion(config: ml_collections.ConfigDict,
+                          workdir: str) -> Optional[dict]:
+  """Sets config.model's fusion to the run's recorded choice, in place.
+
+  Only where config.model's fusion is still the one the run was trained with
+  (config.json): a fusion the caller set differently is kept. A learned
+  fusion ("gate") is never replaced.
+
+  Returns:
+    The choice applied, or None.
+  """
+  choice = read_recorded_fusion(workdir)
+  if choice is None or config.model.fusion == "gate":
+    return None
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
+    trained = _with_added_fields(json.load(f))["model"]
+  if any(config.model[k] != trained[k] for k in FUSION_FIELDS):
+    return None
+  with config.unlocked():
+    for k, v in choice.items():
+      config.model[k] = v
+  return choice
 
 
 def _tuples(value: Any) -> Any:

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facenet_jax import fusion
+
 # Queries ranked together; bounds the (chunk, num_gallery) temporaries.
 DEFAULT_QUERY_CHUNK = 256
 
@@ -502,20 +504,63 @@ def _subset_metrics(distmat: np.ndarray, query: dict, gallery: dict,
   return out
 
 
+def embedding_distances(query: dict, gallery: dict) -> np.ndarray:
+  """(Q, G) float32 distances of two sets of embeddings, as the model ranks.
+
+  Euclidean (`pairwise_distance`), or, where both sets carry segment
+  "weights" (a flare-aware fusion), the pair-normalised distance of
+  fusion.fused_distances.
+  """
+  has = ("weights" in query, "weights" in gallery)
+  if has[0] != has[1]:
+    raise ValueError("the query and gallery embeddings come from different "
+                     "fusions: one set has segment weights, the other not")
+  if has[0]:
+    return fused_pairwise_distance(query["embedding"], query["weights"],
+                                   gallery["embedding"], gallery["weights"])
+  return pairwise_distance(query["embedding"], gallery["embedding"])
+
+
+def fused_pairwise_distance(query: np.ndarray, query_weights: np.ndarray,
+                            gallery: np.ndarray, gallery_weights: np.ndarray,
+                            query_chunk_size: int = 256) -> np.ndarray:
+  """fusion.fused_distances on the JAX device, a chunk of queries at a time.
+
+  The last chunk is padded so that one shape is compiled per gallery.
+  """
+  if len(query) == 0:
+    return np.empty((0, len(gallery)), np.float32)
+  chunk = min(query_chunk_size, len(query))
+  gallery = jax.device_put(np.asarray(gallery, np.float32))
+  gallery_weights = jax.device_put(np.asarray(gallery_weights, np.float32))
+  out = []
+  for start in range(0, len(query), chunk):
+    q = np.asarray(query[start:start + chunk], np.float32)
+    w = np.asarray(query_weights[start:start + chunk], np.float32)
+    rows = len(q)
+    if rows < chunk:
+      q = np.pad(q, ((0, chunk - rows), (0, 0)))
+      w = np.pad(w, ((0, chunk - rows), (0, 0)), constant_values=1.0)
+    out.append(np.asarray(_fused_chunk(q, w, gallery, gallery_weights))[:rows])
+  return np.concatenate(out)
+
+
+_fused_chunk = jax.jit(fusion.fused_distances)
+
+
 def distance_matrix(query: dict, gallery: dict,
                     rerank: bool = False) -> np.ndarray:
   """(Q, G) float32 distances of the query to the gallery embeddings.
 
-  Euclidean (`pairwise_distance`), then k-reciprocal re-ranking when rerank
-  is set: the distances every ranking of a report is made from.
+  `embedding_distances`, then k-reciprocal re-ranking when rerank is set:
+  the distances every ranking of a report is made from.
   """
-  distmat = pairwise_distance(query["embedding"], gallery["embedding"])
+  distmat = embedding_distances(query, gallery)
   if rerank:
     from facenet_jax import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
     distmat = rerank_lib.k_reciprocal_rerank(
-        distmat,
-        pairwise_distance(query["embedding"], query["embedding"]),
-        pairwise_distance(gallery["embedding"], gallery["embedding"]))
+        distmat, embedding_distances(query, query),
+        embedding_distances(gallery, gallery))
   return distmat
 
 
@@ -567,7 +612,8 @@ def rank_report(query: dict, gallery: dict, max_rank: int = 50,
 
   Args:
     query: "embedding" (Q, D) L2-normalised, "pid", "camid", "sceneid" (Q,),
-      "flare" (Q, 2) pseudo-labels of the query's RGB and NI images.
+      "flare" (Q, 2) pseudo-labels of the query's RGB and NI images, and
+      with a flare-aware fusion "weights" (Q, 3) (embedding_distances).
     gallery: the same keys for the gallery.
     max_rank: length of the CMC curve.
     use_scenes: MSVR310 protocol (same id and same scene excluded).

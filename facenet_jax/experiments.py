@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 
 from facenet_jax import checkpointing
-from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 from input_pipeline import pipeline
 
 # Overrides (dotted config path -> value) of each variant.
@@ -77,6 +76,9 @@ VARIANTS["mfmp_fce_ms1_ws_restore"] = {**VARIANTS["mfmp_fce_ws"], **_RESTORE,
 # The same masks without restoration or warm start (the third study's runs;
 # in no table, for scripts/diagnose_study.py).
 VARIANTS["mfmp_fce_ms1"] = {**_MFMP_FCE, "model.mask_stage": 1}
+# The learned flare-aware fusion (beyond the paper, facenet_jax/fusion.py).
+VARIANTS.update({f"{v}_gate": {**VARIANTS[v], "model.fusion": "gate"}
+                 for v in ("baseline", "mfmp_fce")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +144,14 @@ TABLES: dict[int, Table] = {
         ("Baseline, warm-started + restoration", "baseline_ws_restore", None),
         ("+ MFMP (stage-1 masks) + FCE, warm-started + restoration",
          "mfmp_fce_ms1_ws_restore", None),
+    )),
+    # Not in the paper: the trained streams as the model ranks them; the
+    # training-free fusions of each run are swept by scripts/fusion.py.
+    11: Table(11, "Flare-aware fusion (beyond the paper)", (
+        _BASELINE,
+        ("Baseline, learned fusion gate", "baseline_gate", None),
+        ("+ MFMP + FCE", "mfmp_fce", _PAPER_MFMP_FCE),
+        ("+ MFMP + FCE, learned fusion gate", "mfmp_fce_gate", None),
     )),
 }
 # Config fields a study run may not change between invocations: unlike a
@@ -466,39 +476,3 @@ def modality_segments(embedding: np.ndarray,
   parts = np.split(embedding, len(modalities), axis=1)
   return {m: p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
           for m, p in zip(modalities, parts)}
-
-
-def flare_weighted_distances(query: Mapping[str, np.ndarray],
-                             gallery: Mapping[str, np.ndarray],
-                             weight: float,
-                             modalities: Sequence[str] = MODALITIES,
-                             flared: Sequence[str] = FLARE_MODALITIES
-                             ) -> np.ndarray:
-  """(Q, G) distances of the per-stream segments, flared streams weighted.
-
-  d(q, g)^2 = sum_S w_S(q) w_S(g) |q_S - g_S|^2 / sum_S w_S(q) w_S(g) over
-  the L2-normalised segments (modality_segments), where w_S(x) is `weight`
-  when x's flare pseudo-label of stream S (the columns of "flare", in
-  `flared` order) is 1, and 1 otherwise (always for TI). weight = 1 ranks
-  with every segment equally; 0 leaves a flared image's RGB / NI out of
-  every distance it takes part in. A diagnostic: how much identity a
-  flared stream still carries.
-  """
-  segments = [modality_segments(x["embedding"], modalities)
-              for x in (query, gallery)]
-  weights = []
-  for x in (query, gallery):
-    flare = np.asarray(x["flare"]) > 0.5
-    weights.append({m: np.where(flare[:, flared.index(m)], weight, 1.0)
-                    if m in flared else np.ones(len(flare))
-                    for m in modalities})
-  num = np.zeros((len(query["flare"]), len(gallery["flare"])))
-  den = np.zeros_like(num)
-  for m in modalities:
-    w = np.outer(weights[0][m], weights[1][m])
-    # Unit vectors: |q - g|^2 = 2 - 2 q.g.
-    square = np.maximum(2.0 - 2.0 * segments[0][m].astype(np.float64) @
-                        segments[1][m].astype(np.float64).T, 0.0)
-    num += w * square
-    den += w
-  return np.sqrt(num / np.maximum(den, 1e-12)).astype(np.float32)

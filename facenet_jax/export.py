@@ -9,7 +9,12 @@ the checkpoint's weights baked in as constants:
 
   inputs   rgb, ni, ti  float32 (B, H, W, 3), resized and normalised
            flare        float32 (B, 2), pseudo-labels delta for [RGB, NI]
-  output   embedding    float32 (B, 3D), unit L2 norm; B is symbolic.
+           flare_ratio  float32 (B, 2), saturated fraction of raw [RGB, NI]
+  outputs  embedding    float32 (B, 3D), unit L2 norm; B is symbolic
+           weights      float32 (B, 3), the [RGB | NI | TI] segment weights
+                        of the run's fusion (all 1 for "concat"): two
+                        embeddings are compared with
+                        facenet_jax.fusion.fused_distances (docs/model.md).
 
 `Embedder.inputs(rgb, ni, ti)` (or `inference.network_inputs`, from the run's
 config alone) makes those inputs from raw uint8 images, so every runtime is
@@ -38,7 +43,7 @@ from facenet_jax import train
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 
 FORMATS = ("onnx", "stablehlo")
-OUTPUT_NAME = "embedding"
+OUTPUT_NAMES = ("embedding", "weights")
 INSTALL_HINT = ('pip install -e ".[export]" && pip install --no-deps '
                 '"jax2onnx==0.17.1"')
 # Default ONNX opset. The network needs nothing newer than 17 (opset 23,
@@ -96,18 +101,19 @@ def input_specs(input_size: Sequence[int]) -> list[jax.ShapeDtypeStruct]:
   h, w = (int(s) for s in input_size)
   images = [jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
             for _ in MODALITIES]
-  return images + [jax.ShapeDtypeStruct((batch, 2), jnp.float32)]
+  return images + [jax.ShapeDtypeStruct((batch, 2), jnp.float32)] * 2
 
 
-def embedding_fn(embedder: inference.Embedder) -> Callable[..., jax.Array]:
-  """The Embedder's network as f(rgb, ni, ti, flare) -> embedding.
+def embedding_fn(embedder: inference.Embedder) -> Callable[..., tuple]:
+  """The Embedder's network as f(rgb, ni, ti, flare, flare_ratio).
 
   Args:
     embedder: the Embedder whose model, weights and flip averaging to use.
 
   Returns:
-    A function of the four (B, ...) float32 arrays of `Embedder.inputs`, in
-    INPUT_NAMES order, returning the (B, 3D) L2-normalised embedding. The
+    A function of the five (B, ...) float32 arrays of `Embedder.inputs`, in
+    INPUT_NAMES order, returning the (B, 3D) L2-normalised embedding and the
+    (B, 3) segment weights (OUTPUT_NAMES). The
     weights are host arrays closed over, so they become constants of an export
     instead of arguments (and carry no device placement).
   """
@@ -116,10 +122,15 @@ def embedding_fn(embedder: inference.Embedder) -> Callable[..., jax.Array]:
   flip_average = embedder.config.eval.flip_average
 
   def embed(rgb: jax.Array, ni: jax.Array, ti: jax.Array,
-            flare: jax.Array) -> jax.Array:
-    batch = dict(zip(MODALITIES, (rgb, ni, ti)), flare=flare)
-    return train.embed_step(variables, batch, model=model,
-                            flip_average=flip_average)
+            flare: jax.Array, flare_ratio: jax.Array) -> tuple:
+    batch = dict(zip(MODALITIES, (rgb, ni, ti)), flare=flare,
+                 flare_ratio=flare_ratio)
+    embedding, weights = train.embed_step(variables, batch, model=model,
+                                          flip_average=flip_average)
+    # An input the fusion does not read still reaches the graph (as a zero
+    # contribution), so that every export has the same five inputs.
+    weights = weights + 0.0 * flare_ratio[:, :1]
+    return embedding, weights
 
   return embed
 
@@ -140,7 +151,7 @@ def preprocessing_spec(config: Any) -> dict:
                 "pixel_low": int(config.flare.pixel_low),
                 "ratio_threshold": float(config.flare.ratio_threshold)},
       "inputs": list(inference.INPUT_NAMES),
-      "output": OUTPUT_NAME,
+      "outputs": list(OUTPUT_NAMES),
   }
 
 
@@ -242,8 +253,8 @@ def to_onnx(embedder: inference.Embedder, opset: int = ONNX_OPSET) -> Any:
   specs = input_specs(embedder.config.input_size)
   closed = jax.make_jaxpr(embedding_fn(embedder))(*specs)
 
-  def exportable(*args: jax.Array) -> jax.Array:
-    return _eval_exportable(closed.jaxpr, closed.consts, *args)[0]
+  def exportable(*args: jax.Array) -> tuple:
+    return tuple(_eval_exportable(closed.jaxpr, closed.consts, *args))
 
   # onnx_ir warns about every shape tensor of a symbolic-batch reshape whose
   # value_info it leaves out; those annotations are optional in ONNX.
@@ -253,7 +264,8 @@ def to_onnx(embedder: inference.Embedder, opset: int = ONNX_OPSET) -> Any:
   try:
     model = jax2onnx.to_onnx(
         exportable, specs, model_name="facenet", opset=opset,
-        input_names=list(inference.INPUT_NAMES), output_names=[OUTPUT_NAME])
+        input_names=list(inference.INPUT_NAMES),
+        output_names=list(OUTPUT_NAMES))
   finally:
     serde_log.setLevel(level)
   # jax2onnx stamps its newest IR version; the oldest one the opset allows
@@ -283,11 +295,15 @@ def save_onnx(model: Any, path: str) -> list[str]:
   return [path] + ([os.path.join(directory, data_file)] if big else [])
 
 
-def onnx_runner(path: str) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
-  """An ONNX Runtime (CPU) session of the model, as inputs -> (B, 3D)."""
+def onnx_runner(path: str) -> Callable[[Mapping[str, np.ndarray]], dict]:
+  """An ONNX Runtime (CPU) session of the model, as inputs -> outputs.
+
+  The outputs are a dict keyed by OUTPUT_NAMES.
+  """
   ort = _require("onnxruntime", "--format onnx")
   session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-  return lambda inputs: session.run([OUTPUT_NAME], dict(inputs))[0]
+  return lambda inputs: dict(zip(OUTPUT_NAMES, session.run(
+      list(OUTPUT_NAMES), dict(inputs))))
 
 
 # --- StableHLO ----------------------------------------------------------------
@@ -304,7 +320,7 @@ def to_stablehlo(embedder: inference.Embedder,
   specs = dict(zip(inference.INPUT_NAMES,
                    input_specs(embedder.config.input_size)))
 
-  def from_dict(inputs: Mapping[str, jax.Array]) -> jax.Array:
+  def from_dict(inputs: Mapping[str, jax.Array]) -> tuple:
     return embed(*(inputs[k] for k in inference.INPUT_NAMES))
 
   exported = jax.export.export(jax.jit(from_dict),
@@ -313,12 +329,12 @@ def to_stablehlo(embedder: inference.Embedder,
 
 
 def stablehlo_runner(
-    path: str) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
-  """The deserialised StableHLO export, as inputs -> (B, 3D)."""
+    path: str) -> Callable[[Mapping[str, np.ndarray]], dict]:
+  """The deserialised StableHLO export, as inputs -> outputs (OUTPUT_NAMES)."""
   with open(path, "rb") as f:
     exported = jax.export.deserialize(bytearray(f.read()))
-  return lambda inputs: np.asarray(exported.call(
-      {k: jnp.asarray(v) for k, v in inputs.items()}))
+  return lambda inputs: dict(zip(OUTPUT_NAMES, (np.asarray(x) for x in (
+      exported.call({k: jnp.asarray(v) for k, v in inputs.items()})))))
 
 
 # --- Both formats -------------------------------------------------------------
@@ -355,9 +371,11 @@ def export(embedder: inference.Embedder, fmt: str, path: str,
   raise _unknown_format(fmt)
 
 
-def runner(fmt: str,
-           path: str) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
-  """An exported file, loaded once, as `Embedder.inputs` dict -> (B, 3D)."""
+def runner(fmt: str, path: str) -> Callable[[Mapping[str, np.ndarray]], dict]:
+  """An exported file, loaded once, as `Embedder.inputs` dict -> outputs.
+
+  The outputs: {"embedding": (B, 3D), "weights": (B, 3)}.
+  """
   if fmt == "onnx":
     return onnx_runner(path)
   if fmt == "stablehlo":
@@ -404,21 +422,25 @@ def max_differences(embedder: inference.Embedder, fmt: str, path: str,
 
   The reference is the JAX Embedder on the raw images; the export gets
   `embedder.inputs` of the same images. The single example exercises a second
-  batch size, as the batch dimension of an export is symbolic.
+  batch size, as the batch dimension of an export is symbolic. Every output
+  (embedding and weights) is compared.
 
   Returns:
-    {batch size: max absolute difference} for B and 1.
+    {batch size: max absolute difference over the outputs} for B and 1.
   """
-  expected = embedder(*raw)
+  expected = embedder.embed(*raw)
   inputs = embedder.inputs(*raw)
   run = runner(fmt, path)
   out = {}
-  for size in sorted({len(expected), 1}, reverse=True):
+  for size in sorted({len(expected["embedding"]), 1}, reverse=True):
     got = run({k: v[:size] for k, v in inputs.items()})
-    if got.shape != expected[:size].shape:
-      raise ValueError(f"{path}: output shape {got.shape}, expected "
-                       f"{expected[:size].shape}")
-    out[size] = float(np.max(np.abs(got - expected[:size])))
+    out[size] = 0.0
+    for name in OUTPUT_NAMES:
+      want = expected[name][:size]
+      if got[name].shape != want.shape:
+        raise ValueError(f"{path}: output {name} has shape "
+                         f"{got[name].shape}, expected {want.shape}")
+      out[size] = max(out[size], float(np.max(np.abs(got[name] - want))))
   return out
 
 

@@ -2,8 +2,16 @@
 
   embedder = Embedder.from_workdir("/runs/wmveid863")
   emb = embedder(rgb, ni, ti)    # (B, 3 * D) float32, rows of norm 1
+  out = embedder.embed(rgb, ni, ti)  # {"embedding", "weights" (B, 3)}
+  d = fusion.numpy_distances(q["embedding"], q["weights"],
+                             g["embedding"], g["weights"])
 
-The embedder computes the flare pseudo-labels from the raw images itself,
+Two embeddings are compared with the run's fusion (facenet_jax/fusion.py):
+the pair-normalised distance of the per-segment unit vectors, weighted by
+each image's segment weights; with the paper's "concat" fusion the weights
+are all 1 and it is the Euclidean distance of the embeddings.
+
+The embedder computes the flare evidence from the raw images itself,
 applies the run's resize and normalisation (the same tf ops as the evaluation
 pipeline), and runs the model in eval mode. Segments are [RGB | NI | TI].
 `embedder.inputs(rgb, ni, ti)` (or `network_inputs`, which needs the run's
@@ -25,8 +33,9 @@ from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 from facenet_jax.models import FACENet
 
 # The network's inputs, in the order of an exported model's inputs: the three
-# preprocessed images and the (B, 2) flare pseudo-labels.
-INPUT_NAMES = (*MODALITIES, "flare")
+# preprocessed images, the (B, 2) flare pseudo-labels and the (B, 2)
+# saturated fractions they come from.
+INPUT_NAMES = (*MODALITIES, "flare", "flare_ratio")
 
 
 class Embedder:
@@ -62,14 +71,12 @@ class Embedder:
   def dim(self) -> int:
     """Embedding size D_total = 3 x per-stream feature dimension."""
     # Shapes only: an eager forward pass would take seconds on a CPU.
-    return int(jax.eval_shape(functools.partial(self.model.apply, train=False),
-                              self.variables, *self._dummy()
-                              ).embedding.shape[-1])
-
-  def _dummy(self):
     h, w = self.config.input_size
     images = {m: np.zeros((1, h, w, 3), np.float32) for m in MODALITIES}
-    return images, np.zeros((1, 2), np.float32)
+    flare = np.zeros((1, 2), np.float32)
+    return int(jax.eval_shape(
+        functools.partial(self.model.apply, train=False, flare_ratio=flare),
+        self.variables, images, flare).embedding.shape[-1])
 
   def inputs(self, rgb: np.ndarray, ni: np.ndarray,
              ti: np.ndarray) -> dict[str, np.ndarray]:
@@ -83,14 +90,29 @@ class Embedder:
     The images are read as by `network_inputs`.
 
     Returns:
-      (B, D_total) float32 embeddings with unit L2 norm.
+      (B, D_total) float32 embeddings with unit L2 norm (`embed` also gives
+      the segment weights the run's fusion compares them with).
+    """
+    return self.embed(rgb, ni, ti)["embedding"]
+
+  def embed(self, rgb: np.ndarray, ni: np.ndarray,
+            ti: np.ndarray) -> dict[str, np.ndarray]:
+    """Embeddings and segment weights of raw uint8 triplets.
+
+    Returns:
+      "embedding" (B, D_total) float32 with unit L2 norm; "weights" (B, 3)
+      float32, the [RGB | NI | TI] segment weights of the run's fusion (all 1
+      for "concat"). fusion.numpy_distances (or fused_distances) compares
+      two such sets as evaluation ranks them.
     """
     batch = self.inputs(rgb, ni, ti)
-    out = []
+    out = {"embedding": [], "weights": []}
     for start in range(0, len(batch["flare"]), self.batch_size):
       part = {k: v[start:start + self.batch_size] for k, v in batch.items()}
-      out.append(np.asarray(self._embed(self.variables, part)))
-    return np.concatenate(out).astype(np.float32)
+      embedding, weights = self._embed(self.variables, part)
+      out["embedding"].append(np.asarray(embedding))
+      out["weights"].append(np.asarray(weights))
+    return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
 
 
 def network_inputs(rgb: np.ndarray, ni: np.ndarray, ti: np.ndarray,
@@ -109,20 +131,21 @@ def network_inputs(rgb: np.ndarray, ni: np.ndarray, ti: np.ndarray,
 
   Returns:
     A dict keyed by INPUT_NAMES: "rgb", "ni", "ti" (B, H', W', 3) float32
-    at the run's input size (H', W'), normalised per modality; "flare"
-    (B, 2) float32 pseudo-labels delta for [RGB, NI] in {0, 1}, computed on
-    the raw images (before CLAHE or resizing).
+    at the run's input size (H', W'), normalised per modality; "flare_ratio"
+    (B, 2) float32 saturated fraction of the raw [RGB, NI] images (channel
+    values >= flare.pixel_low, before CLAHE or resizing) and "flare" (B, 2)
+    the pseudo-labels delta in {0, 1} it gives.
   """
   raw = {m: _as_batch(m, x) for m, x in zip(MODALITIES, (rgb, ni, ti))}
   sizes = {m: x.shape[0] for m, x in raw.items()}
   if len(set(sizes.values())) != 1:
     raise ValueError(f"rgb, ni and ti hold different numbers of images: "
                      f"{sizes}")
-  flare = flare_labels(raw, config.flare.pixel_low,
-                       config.flare.ratio_threshold)
+  ratios = flare_ratios(raw, config.flare.pixel_low)
   images = preprocess(raw, config)
   out = {m: images[m].astype(np.float32, copy=False) for m in MODALITIES}
-  out["flare"] = flare
+  out["flare"] = (ratios > config.flare.ratio_threshold).astype(np.float32)
+  out["flare_ratio"] = ratios
   return out
 
 
@@ -141,12 +164,12 @@ def _as_batch(name: str, images: np.ndarray) -> np.ndarray:
   return images
 
 
-def flare_labels(raw: dict, pixel_low: int, threshold: float) -> np.ndarray:
-  """(B, 2) pseudo-labels delta for [RGB, NI] from raw uint8 batches."""
+def flare_ratios(raw: dict, pixel_low: int) -> np.ndarray:
+  """(B, 2) float32 saturated fractions of [RGB, NI] from raw uint8 batches."""
   from input_pipeline.datasets import features  # pylint: disable=g-import-not-at-top
-  ratios = np.array([[features.flare_ratio(image, pixel_low)
-                      for image in raw[m]] for m in FLARE_MODALITIES]).T
-  return (ratios > threshold).astype(np.float32)
+  return np.array([[features.flare_ratio(image, pixel_low)
+                    for image in raw[m]] for m in FLARE_MODALITIES],
+                  np.float32).reshape(len(FLARE_MODALITIES), -1).T
 
 
 def preprocess(raw: dict, config: ml_collections.ConfigDict) -> dict:

@@ -23,6 +23,7 @@ from typing import Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from facenet_jax import fusion
 from facenet_jax.constants import FLARE_MODALITIES, GUIDE_MODALITY, MODALITIES
 
 Array = jax.Array
@@ -147,7 +148,14 @@ def batch_hard_triplet(features: Array, labels: Array, margin: float = 0.3,
   Returns:
     Scalar, the mean over valid anchors.
   """
-  distances = pairwise_distances(features)
+  return triplet_from_distances(pairwise_distances(features), labels, margin,
+                                soft_margin)
+
+
+def triplet_from_distances(distances: Array, labels: Array,
+                           margin: float = 0.3,
+                           soft_margin: bool = False) -> Array:
+  """batch_hard_triplet on a given (B, B) distance matrix."""
   batch = labels.shape[0]
   same = labels[:, None] == labels[None, :]
   positive = same & ~jnp.eye(batch, dtype=bool)
@@ -166,6 +174,21 @@ def batch_hard_triplet(features: Array, labels: Array, margin: float = 0.3,
   else:
     per_anchor = jax.nn.relu(margin + gap)
   return _masked_mean(per_anchor, has_positive & has_negative)
+
+
+def fused_triplet(embedding: Array, weights: Array, labels: Array,
+                  margin: float = 0.3, soft_margin: bool = False) -> Array:
+  """Batch-hard triplet on the flare-aware fusion's distance (beyond the paper).
+
+  Args:
+    embedding: (B, M * D) fused embeddings (fusion.normalized_segments).
+    weights: (B, M) segment weights; the loss reaches whatever made them
+      (the fusion's learned gate).
+    labels: (B,) int identity labels.
+    margin, soft_margin: as in batch_hard_triplet.
+  """
+  distances = fusion.fused_distances(embedding, weights, embedding, weights)
+  return triplet_from_distances(distances, labels, margin, soft_margin)
 
 
 def flare_bce(flare_logits: Array, targets: Array) -> Array:
@@ -436,6 +459,9 @@ class LossConfig:
     modality: modality-relation loss, one of MODALITY_LOSSES.
     modality_weight: weight of the modality-relation loss.
     modality_margin: margin of the 3M loss.
+    fusion_triplet_weight: weight of the batch-hard triplet on the learned
+      fusion's distance (`fused_triplet`; beyond the paper), which trains
+      the fusion's gate; computed only when total_loss is given `fused`.
   """
   ce_weight: float = 1.0
   label_smoothing: float = 0.0
@@ -449,6 +475,7 @@ class LossConfig:
   modality: str = "ic"
   modality_weight: float = 1.0
   modality_margin: float = 0.1
+  fusion_triplet_weight: float = 1.0
 
   def __post_init__(self):
     if self.modality not in MODALITY_LOSSES:
@@ -459,7 +486,8 @@ class LossConfig:
                        f"got {self.label_smoothing}.")
     for name in ("ce_weight", "triplet_weight", "triplet_margin", "flare_weight",
                  "flare_pixel_weight", "fce_consistency_weight",
-                 "fce_raw_weight", "modality_weight", "modality_margin"):
+                 "fce_raw_weight", "modality_weight", "modality_margin",
+                 "fusion_triplet_weight"):
       value = getattr(self, name)
       if value < 0:
         raise ValueError(f"loss.{name} must be >= 0, got {value}.")
@@ -508,6 +536,7 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
                plug_features: Optional[Mapping[str, Array]] = None,
                raw_logits: Optional[Mapping[str, Array]] = None,
                raw_features: Optional[Mapping[str, Array]] = None,
+               fused: Optional[tuple[Array, Array]] = None,
                ) -> tuple[Array, dict[str, Array]]:
   """FACENet's objective (paper eq. 13) with a weight per term.
 
@@ -518,11 +547,13 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
           + flare_pixel_weight     * sum_s flare_pixel_bce(flare_maps[s], sat_s)
           + fce_consistency_weight * sum_s fce_consistency(guide_s, f_s, delta_s)
           + fce_raw_weight * sum_s (ce_weight * CE(raw_logits[s], labels)
-                                    + triplet_weight * triplet(raw_features[s])),
+                                    + triplet_weight * triplet(raw_features[s]))
+          + fusion_triplet_weight  * fused_triplet(*fused, labels),
   s over the streams in `logits` (normally "rgb", "ni", "ti"). The flare sum is
   empty for a model without MFMP. L_modality is IC on the RGB and NI logits,
-  or 3M / HC / CdC on the features, or absent for "none". The last three terms
-  go beyond the paper and are computed only when their weight is > 0.
+  or 3M / HC / CdC on the features, or absent for "none". The last four terms
+  go beyond the paper and are computed only when their weight is > 0 (the
+  fused triplet: when `fused` is given, by a model with a learned fusion).
 
   Args:
     logits: stream -> (B, C) classifier outputs (after the BN neck).
@@ -543,6 +574,8 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
       model's raw head); needed, with raw_features (B, D), when
       fce_raw_weight > 0 and the model has FCE.
     raw_features: stream -> (B, D).
+    fused: (fused embedding (B, M * D), segment weights (B, M)) of a
+      learned fusion; None = no fused triplet.
 
   Returns:
     total: scalar, the weighted sum.
@@ -584,6 +617,10 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
                                            config, tag="_raw")
     terms.update(raw_terms)
     total += config.fce_raw_weight * raw_total
+  if fused is not None and config.fusion_triplet_weight > 0:
+    terms["triplet_fused"] = fused_triplet(
+        *fused, labels, config.triplet_margin, config.triplet_soft_margin)
+    total += config.fusion_triplet_weight * terms["triplet_fused"]
   if config.modality != "none":
     name = f"modality_{config.modality}"
     terms[name] = _modality_loss(config.modality, logits, features, labels,

@@ -224,7 +224,10 @@ def predict_masks(model, variables, images: Mapping[str, np.ndarray],
     raise ValueError("the model has no MFMP, so it predicts no masks")
   if not len(flare):
     raise ValueError("predict_masks got no images")
-  fn = jax.jit(lambda v, x, f: model.apply(v, x, f, train=False).masks)
+  # The masks do not depend on the fusion's evidence: delta stands in for
+  # the saturated fraction a learned fusion reads.
+  fn = jax.jit(lambda v, x, f: model.apply(v, x, f, train=False,
+                                           flare_ratio=f).masks)
   n = len(flare)
   out = {m: [] for m in FLARE_MODALITIES}
   for start in range(0, n, batch_size):

@@ -33,6 +33,7 @@ from facenet_jax import checkpointing
 from facenet_jax import console as console_lib
 from facenet_jax import evaluation
 from facenet_jax import flare_render
+from facenet_jax import fusion as fusion_lib
 from facenet_jax import losses
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 from facenet_jax.models import FACENet
@@ -122,7 +123,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
       fce_fill=m.fce_fill, fce_guide_gradient=m.fce_guide_gradient,
       fce_mask_gradient=m.fce_mask_gradient,
       raw_head=config.loss.fce_raw_weight > 0,
-      embedding_source=m.embedding, dtype=DTYPES[m.dtype])
+      embedding_source=m.embedding, fusion=m.fusion,
+      fusion_weight=m.fusion_weight, fusion_full_ratio=m.fusion_full_ratio,
+      dtype=DTYPES[m.dtype])
 
 
 def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
@@ -364,15 +367,21 @@ def training_loss(params: Any, *, batch_stats: Any,
   out, updates = model.apply(
       {"params": params, "batch_stats": batch_stats},
       model_inputs(batch), batch["flare"], train=True,
-      camera=batch.get("camid"), rngs={"dropout": dropout_rng},
-      mutable=["batch_stats"])
+      camera=batch.get("camid"), flare_ratio=batch.get("flare_ratio"),
+      rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
   head = lambda tree: {k: v[:size] for k, v in tree.items()}
+  # A learned fusion is trained through the distance it ranks with.
+  fused = None
+  if model.fusion == "gate":
+    fused = (fusion_lib.normalized_segments(out.embedding[:size]),
+             out.weights[:size])
   loss, terms = losses.total_loss(
       head(out.logits), head(out.features), out.flare_logits,
       batch["label"][:size], batch["flare"], loss_cfg,
       flare_maps=out.flare_maps, saturation=batch.get("saturation"),
       fce_guides=out.fce_guides, plug_features=out.plug_features,
-      raw_logits=head(out.raw_logits), raw_features=head(out.raw_features))
+      raw_logits=head(out.raw_logits), raw_features=head(out.raw_features),
+      fused=fused)
   if restore.copies:
     for m in FLARE_MODALITIES:
       terms[f"ce_flared_{m}"] = losses.cross_entropy(
@@ -426,15 +435,28 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
 
 
 def embed_step(variables: Any, batch: Mapping[str, jax.Array], *,
-               model: FACENet, flip_average: bool) -> jax.Array:
-  """Eval-mode embeddings (B, 3D), L2-normalised; optional flip averaging."""
+               model: FACENet, flip_average: bool
+               ) -> tuple[jax.Array, jax.Array]:
+  """Eval-mode embeddings (B, 3D) and segment weights (B, 3).
+
+  "concat": the whole embedding L2-normalised (the paper). A flare-aware
+  fusion: each segment normalised (fusion.normalized_segments), with the
+  weights its distance needs. Flip averaging averages both.
+  """
   def run(images):
-    return model.apply(variables, images, batch["flare"], train=False,
-                       camera=batch.get("camid")).embedding
-  emb = run(model_inputs(batch))
+    out = model.apply(variables, images, batch["flare"], train=False,
+                      camera=batch.get("camid"),
+                      flare_ratio=batch.get("flare_ratio"))
+    return out.embedding, out.weights
+  emb, weights = run(model_inputs(batch))
   if flip_average:
-    emb = emb + run({m: batch[m][:, :, ::-1] for m in MODALITIES})
-  return emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+    flipped, flipped_weights = run({m: batch[m][:, :, ::-1]
+                                    for m in MODALITIES})
+    emb, weights = emb + flipped, (weights + flipped_weights) / 2
+  if model.fusion != "concat":
+    return fusion_lib.normalized_segments(emb), weights
+  return emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True),
+                           1e-12), weights
 
 
 def compile_train_step(model: FACENet, optimizer: optax.GradientTransformation,
@@ -493,8 +515,9 @@ def create_state(model: FACENet, optimizer: optax.GradientTransformation,
   """Random initial state (a pure function: usable under jax.eval_shape)."""
   h, w = input_size
   images = {m: jnp.zeros((2, h, w, 3), jnp.float32) for m in MODALITIES}
-  variables = model.init(rng, images, jnp.zeros((2, 2), jnp.float32),
-                         train=False, camera=jnp.zeros((2,), jnp.int32))
+  flare = jnp.zeros((2, 2), jnp.float32)
+  variables = model.init(rng, images, flare, train=False,
+                         camera=jnp.zeros((2,), jnp.int32), flare_ratio=flare)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables["batch_stats"],
@@ -891,8 +914,22 @@ def _model_summary(config: ml_collections.ConfigDict) -> str:
     loss += " + CE/triplet before FCE"
   if config.loss.modality != "none":
     loss += f" + {config.loss.modality.upper()}"
+  if m.fusion == "gate":
+    loss += " + fused triplet"
   h, w = config.input_size
-  return f"{', '.join(parts)}; {h}x{w}; loss {loss}"
+  return (f"{', '.join(parts)}; {h}x{w}; loss {loss}; fusion "
+          f"{fusion_summary(config)}")
+
+
+def fusion_summary(config: ml_collections.ConfigDict) -> str:
+  """The fusion of config.model in a few words, e.g. 'fixed (w 0.5)'."""
+  m = config.model
+  if m.fusion == "fixed":
+    return f"fixed (flared w {m.fusion_weight:g})"
+  if m.fusion == "saturation":
+    return (f"saturation (w {m.fusion_weight:g} from saturated fraction "
+            f"{m.fusion_full_ratio:g})")
+  return m.fusion
 
 
 def _header(config: ml_collections.ConfigDict, train_data: pipeline.SplitData,
@@ -1229,6 +1266,11 @@ def render_eval_flare(batch: Mapping[str, jax.Array], key: jax.Array,
   out = {**batch, **flared}
   out["flare"] = jnp.maximum(batch["flare"],
                              rendered.flare.astype(batch["flare"].dtype))
+  if "flare_ratio" in batch:
+    # Measured at the input size, like the rendered pseudo-label.
+    ratio = jnp.mean(rendered.saturation, axis=(1, 2))
+    out["flare_ratio"] = jnp.maximum(batch["flare_ratio"],
+                                     ratio.astype(batch["flare_ratio"].dtype))
   return out
 
 
@@ -1307,6 +1349,8 @@ def blank_inputs(batch: Mapping[str, jax.Array],
     # A Python 0 is weakly typed: the images keep their dtype.
     out[m] = jnp.where(keep["images"][i], batch[m], 0)
   out["flare"] = jnp.where(keep["flare"], batch["flare"], 0)
+  if "flare_ratio" in batch:
+    out["flare_ratio"] = jnp.where(keep["flare"], batch["flare_ratio"], 0)
   return out
 
 
@@ -1333,6 +1377,7 @@ def embedding_function(config: ml_collections.ConfigDict, model: FACENet,
     fed = blank_inputs(seen, keep)
     metadata = {k: batch[k] for k in EVAL_METADATA}
     metadata["flare_input"] = fed["flare"]
+    metadata["flare_ratio_input"] = fed["flare_ratio"]
     return embed(variables, fed), metadata
 
   jitted = jax.jit(run, in_shardings=(sharding.replicated, sharding.data,
@@ -1375,9 +1420,12 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
       `render`.
 
   Returns:
-    "embedding" (N, 3D) and the EVAL_METADATA fields, in split order.
+    "embedding" (N, 3D) and the EVAL_METADATA fields, in split order;
+    with a flare-aware fusion also "weights" (N, 3), the segment weights
+    (the embedding is then fusion.normalized_segments').
     "flare" (N, 2) stays the real images' pseudo-labels, so the flare and
-    clean queries are the same whatever is fed; "flare_input" (N, 2) is what
+    clean queries are the same whatever is fed; "flare_input" and
+    "flare_ratio_input" (N, 2) are the pseudo-labels and saturated fractions
     the model was fed.
   """
   # embedding_function marks what it built; another callable is trusted.
@@ -1402,7 +1450,8 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
   # Round the batch up to a multiple of the devices; padding is masked out.
   batch_size = -(-config.eval_batch_size // sharding.mesh.size) * (
       sharding.mesh.size)
-  out = {k: [] for k in ("embedding", "flare_input") + EVAL_METADATA}
+  out = {k: [] for k in ("embedding", "weights", "flare_input",
+                         "flare_ratio_input") + EVAL_METADATA}
   local_batch = batch_size // jax.process_count()
   num_batches = pipeline.num_eval_batches(data.num_examples, local_batch,
                                           jax.process_count())
@@ -1416,13 +1465,18 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
         flare_threshold=config.flare.ratio_threshold,
         process_index=jax.process_index(),
         process_count=jax.process_count()), start=1):
-      embedding, metadata = to_host(
+      (embedding, weights), metadata = to_host(
           embed_fn(variables, sharding.global_batch(local), keep))
       out["embedding"].append(np.asarray(embedding))
+      out["weights"].append(np.asarray(weights))
       for key, value in metadata.items():
         out[key].append(np.asarray(value))
       bar.update(b)
   result = {k: np.concatenate(v) for k, v in out.items()}
+  if model.fusion == "concat":
+    # The paper's Euclidean ranking: evaluation.distance_matrix ranks with
+    # the fused distance where the weights are given.
+    del result["weights"]
   valid = result["valid"].astype(bool)
   result = {k: v[valid] for k, v in result.items()}
   order = np.argsort(result["index"])
@@ -1660,8 +1714,14 @@ def restore_for_eval(config: ml_collections.ConfigDict, workdir: str,
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str,
     step: Optional[int] = None,
-    console: console_lib.Console = console_lib.SILENT) -> dict:
+    console: console_lib.Console = console_lib.SILENT,
+    recorded_fusion: bool = True) -> dict:
   """--mode eval: restores the latest (or given) checkpoint and evaluates it.
+
+  With `recorded_fusion`, the fusion chosen on the run's val split
+  (scripts/fusion.py) is used where config keeps the trained one
+  (checkpointing.apply_recorded_fusion); the study evaluates every run as
+  its variant is configured instead.
 
   config.eval.missing="all" restores once and sweeps every missing set
   (evaluate_missing_sweep, whose summary it returns).
@@ -1669,9 +1729,13 @@ def evaluate_checkpoint(
   # Config errors before the checkpoint is read.
   sets = missing_sets(config)
   rendered = rendered_flare_side(config)
+  chosen = (checkpointing.apply_recorded_fusion(config, workdir)
+            if recorded_fusion else None)
   model, state, sharding = restore_for_eval(config, workdir, step)
   what = (f"with each of the {len(sets)} missing-modality sets "
           if len(sets) > 1 else "")
+  if chosen:
+    what += f"with the fusion chosen on val, {fusion_summary(config)}, "
   if rendered != "none":
     what += (f"with a rendered flare on the "
              f"{'query and gallery' if rendered == 'both' else rendered} ")

@@ -621,7 +621,8 @@ def train_batches(data: SplitData, *, ids_per_batch: int, instances_per_id: int,
       ops.normalize(mean, std),
       ops.flare_label(flare_threshold),
       *extra_ops,
-      ops.keep(MODALITIES + ("label", "pid", "camid", "flare") + extra_keys),
+      ops.keep(MODALITIES + ("label", "pid", "camid", "flare", "flare_ratio")
+               + extra_keys),
   )
   ds = _map_batches(generator, rows(start_step), per_example, per_batch,
                     stop - start, prefetch, num_threads)

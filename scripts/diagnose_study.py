@@ -21,7 +21,7 @@ For each finished run of the chosen variants (the same --config and
     rendered one.
   * "flared streams at weight w" (w = 0.5, 0): the full network, ranked
     with the segments' distances re-weighted so that a flared image's RGB /
-    NI segment counts w times (experiments.flare_weighted_distances): how
+    NI segment counts w times (fusion.stream_weights "fixed"): how
     much identity a flared stream still carries, next to "equal segments"
     (w = 1, every segment L2-normalised and weighted alike).
   * "rendered_masks" (variants with MFMP, synthetic_flare only): the masks
@@ -50,9 +50,11 @@ with console_lib.quiet_imports() as _STARTUP:
   from absl import flags  # noqa: E402
   from ml_collections import config_flags  # noqa: E402
   import jax  # noqa: E402
+  import numpy as np  # noqa: E402
   import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
   from facenet_jax import checkpointing  # noqa: E402
   from facenet_jax import experiments  # noqa: E402
+  from facenet_jax import fusion  # noqa: E402
   from facenet_jax import mask_quality  # noqa: E402
   from facenet_jax import train  # noqa: E402
   from facenet_jax.constants import FLARE_MODALITIES, MODALITIES  # noqa: E402
@@ -99,10 +101,13 @@ def diagnose_run(config, workdir: str, probes=PROBES) -> dict:
     for w in FLARE_WEIGHTS:
       name = ("equal segments" if w == 1 else
               f"flared streams at weight {w:g}")
-      reports[name] = train.rank(
-          config, split["query"], split["gallery"],
-          distmat=experiments.flare_weighted_distances(
-              split["query"], split["gallery"], w))
+      fused = [(np.asarray(fusion.normalized_segments(x["embedding"])),
+                np.asarray(fusion.stream_weights("fixed", x["flare"], None,
+                                                 w)))
+               for x in (split["query"], split["gallery"])]
+      reports[name] = train.rank(config, split["query"], split["gallery"],
+                                 distmat=fusion.numpy_distances(*fused[0],
+                                                                *fused[1]))
   if "rendered_flare" in probes:
     rendered = train.extract(config, model, variables, query_split, sharding,
                              render=True)

@@ -27,6 +27,7 @@ trained under one --split are not trained again under the other, only
 evaluated on its split.
 """
 
+import functools
 import json
 import os
 import platform
@@ -266,7 +267,8 @@ def _run(config, root, tables, seeds, variants) -> None:
         f"{results_path}", flush=True)
   experiments.run_study(config, root, tables, seeds, _timed_train,
                         on_result=write_tables,
-                        evaluate_fn=train.evaluate_checkpoint)
+                        evaluate_fn=functools.partial(
+                            train.evaluate_checkpoint, recorded_fusion=False))
   masks = ""
   if _MASKS.value:
     print("Scoring the predicted masks...", flush=True)

@@ -31,14 +31,17 @@ def _fake_results(seed: int, steps: int, split: str = "test") -> dict:
 
 class VariantsTest(absltest.TestCase):
 
-  def test_all_tables_need_twenty_one_distinct_variants(self):
+  def test_all_tables_need_twenty_three_distinct_variants(self):
     variants = experiments.variants_of(sorted(experiments.TABLES))
     # The paper's Tables 2-5 need 12; Table 8 adds the two ViT runs, the
-    # warm-start table three and the restoration table four.
+    # warm-start table three, the restoration table four and the fusion
+    # table its two learned gates.
     self.assertLen(experiments.variants_of([2, 3, 4, 5]), 12)
     self.assertEqual(experiments.variants_of([8]),
                      ["baseline", "facenet", "vit_baseline", "vit_facenet"])
-    self.assertLen(variants, 21)
+    self.assertLen(variants, 23)
+    self.assertEqual(experiments.variants_of([11]),
+                     ["baseline", "baseline_gate", "mfmp_fce", "mfmp_fce_gate"])
     # One more is in no table: the diagnostics' stage-1 masks.
     self.assertCountEqual(variants + ["mfmp_fce_ms1"], experiments.VARIANTS)
 
@@ -193,36 +196,6 @@ class SegmentsTest(absltest.TestCase):
     np.testing.assert_allclose(parts["ti"], [[1.0, 0.0]])
     with self.assertRaisesRegex(ValueError, "3 \\* D"):
       experiments.modality_segments(np.zeros((2, 5)), ("rgb", "ni", "ti"))
-
-  def test_flare_weighted_distances(self):
-    rng = np.random.default_rng(0)
-    query = {"embedding": rng.normal(size=(3, 6)),
-             "flare": np.array([[1, 0], [0, 0], [1, 1]], np.float32)}
-    gallery = {"embedding": rng.normal(size=(4, 6)),
-               "flare": np.array([[0, 0], [0, 1], [1, 0], [0, 0]],
-                                 np.float32)}
-    seg = [experiments.modality_segments(x["embedding"], ("rgb", "ni", "ti"))
-           for x in (query, gallery)]
-    square = {m: ((seg[0][m][:, None] - seg[1][m][None]) ** 2).sum(-1)
-              for m in ("rgb", "ni", "ti")}
-    # Weight 1: every segment alike.
-    equal = experiments.flare_weighted_distances(query, gallery, 1.0)
-    np.testing.assert_allclose(equal ** 2, sum(square.values()) / 3,
-                               rtol=1e-5)
-    # Weight 0: query 0's RGB (flared) is out of all its distances; with
-    # gallery 1 (NI flared) only TI is left.
-    none = experiments.flare_weighted_distances(query, gallery, 0.0)
-    np.testing.assert_allclose(none[0, 0] ** 2,
-                               (square["ni"][0, 0] + square["ti"][0, 0]) / 2,
-                               rtol=1e-5)
-    np.testing.assert_allclose(none[0, 1] ** 2, square["ti"][0, 1], rtol=1e-5)
-    # Query 1 and gallery 0 have no flare: as with weight 1.
-    np.testing.assert_allclose(none[1, 0], equal[1, 0], rtol=1e-5)
-    half = experiments.flare_weighted_distances(query, gallery, 0.5)
-    np.testing.assert_allclose(
-        half[2, 2] ** 2,
-        (0.25 * square["rgb"][2, 2] + 0.5 * square["ni"][2, 2] +
-         square["ti"][2, 2]) / 1.75, rtol=1e-5)
 
 
 class RunStudyTest(absltest.TestCase):

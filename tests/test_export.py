@@ -1,12 +1,16 @@
 """scripts/export.py: the Embedder's network as ONNX and as a JAX export.
 
 The run is the tiny FACENet with seeded random weights
-(run_fixtures.make_run): what a trained workdir holds, without training.
+(run_fixtures.make_run): what a trained workdir holds, without training. It
+ranks with the learned flare-aware fusion (model.fusion = "gate", whose
+random gate gives every image its own segment weights), so that every
+output of an export, the embedding and the weights, is checked.
 Each export is run (ONNX Runtime; the deserialised jax.export function) on
 `Embedder.inputs` of generated raw triplets, and compared with the JAX
 Embedder on the same raw images.
 """
 
+import importlib
 import importlib.util
 import os
 import subprocess
@@ -41,7 +45,9 @@ _RUN = {}
 def setUpModule():
   _RUN["root"] = tempfile.mkdtemp(prefix="export_")
   _RUN["workdir"] = os.path.join(_RUN["root"], "run")
-  run_fixtures.make_run(_RUN["workdir"], tiny.get_config())
+  config = tiny.get_config()
+  config.model.fusion = "gate"
+  run_fixtures.make_run(_RUN["workdir"], config)
   _RUN["embedder"] = export.load_embedder(_RUN["workdir"])
   _RUN["raw"] = export.check_triplets(_RUN["embedder"].config.input_size,
                                       BATCH, seed=1)
@@ -49,7 +55,7 @@ def setUpModule():
 
 class InputsTest(absltest.TestCase):
 
-  def test_the_four_arrays_of_the_contract(self):
+  def test_the_five_arrays_of_the_contract(self):
     embedder = _RUN["embedder"]
     inputs = embedder.inputs(*_RUN["raw"])
     h, w = embedder.config.input_size
@@ -58,6 +64,10 @@ class InputsTest(absltest.TestCase):
       self.assertEqual(inputs[m].shape, (BATCH, h, w, 3))
       self.assertEqual(inputs[m].dtype, np.float32)
     self.assertEqual(inputs["flare"].dtype, np.float32)
+    self.assertEqual(inputs["flare_ratio"].dtype, np.float32)
+    # delta is the saturated fraction against the run's threshold.
+    np.testing.assert_array_equal(inputs["flare"],
+                                  inputs["flare_ratio"] > 0.1)
     # check_triplets: white quarters on RGB for samples 0, 2 mod 4 and on NI
     # for 1, 2 mod 4, so every pair of pseudo-labels occurs.
     np.testing.assert_array_equal(
@@ -80,7 +90,11 @@ class OnnxTest(absltest.TestCase):
     self.assertEqual(set(diffs), {BATCH, 1})
     self.assertLessEqual(max(diffs.values()), TOLERANCE)
     out = export.onnx_runner(self.path)(embedder.inputs(*raw))
-    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0,
+                               rtol=1e-5)
+    # The gate's weights differ between images: the output is not a constant.
+    self.assertGreater(np.ptp(out["weights"][:, :2]), 1e-3)
+    np.testing.assert_array_equal(out["weights"][:, 2], 1.0)
 
   def test_names_shapes_and_metadata(self):
     import onnx  # pylint: disable=g-import-not-at-top
@@ -95,9 +109,11 @@ class OnnxTest(absltest.TestCase):
 
     self.assertEqual([(i.name, dims(i)) for i in model.graph.input],
                      [("rgb", ["B", h, w, 3]), ("ni", ["B", h, w, 3]),
-                      ("ti", ["B", h, w, 3]), ("flare", ["B", 2])])
+                      ("ti", ["B", h, w, 3]), ("flare", ["B", 2]),
+                      ("flare_ratio", ["B", 2])])
     self.assertEqual([(o.name, dims(o)) for o in model.graph.output],
-                     [("embedding", ["B", embedder.dim])])
+                     [("embedding", ["B", embedder.dim]),
+                      ("weights", ["B", 3])])
     # Opset 17 and its IR version 8, for older runtimes.
     self.assertEqual([(o.domain, o.version) for o in model.opset_import],
                      [("", 17)])
@@ -152,11 +168,22 @@ class ErrorsTest(absltest.TestCase):
       export.check_installed("tflite")
 
   def test_missing_extra(self):
-    for module in ("jax2onnx", "onnxruntime"):
-      with mock.patch.dict(sys.modules, {module: None}):
+    # Each package of the extra missing alone, the others present, whatever
+    # this environment has installed.
+    real_import = importlib.import_module
+    for module in ("jax2onnx", "onnx", "onnxruntime"):
+
+      def fake_import(name, *args, missing=module):
+        if name == missing:
+          raise ImportError(f"No module named {name!r}")
+        if name in ("jax2onnx", "onnx", "onnxruntime"):
+          return mock.MagicMock(name=name)
+        return real_import(name, *args)
+
+      with mock.patch.object(importlib, "import_module", fake_import):
         with self.assertRaisesRegex(
             export.MissingExtraError,
-            f"--format onnx needs the Python package {module}.*"
+            f"--format onnx needs the Python package {module},.*"
             r'pip install -e "\.\[export\]"'):
           export.check_installed("onnx")
     # stablehlo needs JAX only.

@@ -126,10 +126,11 @@ def _pixel_digest(config) -> str:
 
 def test_val_splits_leave_the_1_0_0_splits_bit_identical(tiny):
   assert str(tiny.info.version) == "1.1.0"
-  for name, config in synthetic_flare.SyntheticFlare.builder_configs.items():
+  for name, digest in _PLAN_DIGESTS_1_0_0.items():
+    config = synthetic_flare.SyntheticFlare.builder_configs[name]
     for split in features.SPLITS:
       assert synthetic_flare.plan_split(config, split) == _plan_1_0_0(config, split)
-    assert _plan_digest(config) == _PLAN_DIGESTS_1_0_0[name], name
+    assert _plan_digest(config) == digest, name
   assert _pixel_digest(_TINY) == _TINY_PIXEL_DIGEST_1_0_0
   # The PNG bytes are a function of the pixels alone; the number of validation
   # ids changes nothing outside the validation splits.
@@ -140,6 +141,33 @@ def test_val_splits_leave_the_1_0_0_splits_bit_identical(tiny):
   a, b = synthetic_flare.make_example(more_val, first), synthetic_flare.make_example(_TINY, first)
   assert all(a[k] == b[k] for k in _IMAGE_KEYS)
   assert len({p.pid for p in synthetic_flare.plan_split(more_val, "val_query")}) == 9
+
+
+def test_severe_glare_variant_is_small_with_stronger_flare():
+  configs = synthetic_flare.SyntheticFlare.builder_configs
+  small, severe = configs["small"], configs["small_severe"]
+  assert severe.render.flare_strength > small.render.flare_strength
+  for split in synthetic_flare.SPLITS:
+    assert synthetic_flare.plan_split(severe, split) == synthetic_flare.plan_split(small, split)
+  # Same scenes: a flare-free sample is the same image; a flared one has
+  # more of its RGB and NI saturated, and the same TI.
+  seen = set()
+  for planned in synthetic_flare.plan_split(small, "val_query"):
+    a = synthetic_render.render_sample(small.render, small.seed, planned.pid,
+                                       planned.camid, planned.index)
+    b = synthetic_render.render_sample(severe.render, severe.seed, planned.pid,
+                                       planned.camid, planned.index)
+    assert a.flare == b.flare
+    np.testing.assert_array_equal(a.ti, b.ti)
+    if a.flare == "none":
+      np.testing.assert_array_equal(a.rgb, b.rgb)
+    else:
+      assert (features.flare_ratio(b.rgb, 250) + features.flare_ratio(b.ni, 250)
+              > features.flare_ratio(a.rgb, 250) + features.flare_ratio(a.ni, 250))
+    seen.add(a.flare == "none")
+    if len(seen) == 2:
+      break
+  assert seen == {True, False}
 
 
 def test_example_features(tiny_examples):

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from facenet_jax import fusion as fusion_lib
 from facenet_jax.constants import FLARE_MODALITIES, GUIDE_MODALITY, MODALITIES
 from facenet_jax.models import backbones as backbones_lib
 from facenet_jax.models import resnet
@@ -71,6 +72,8 @@ class ModelOutput:
     raw_logits: flare modality -> (B, num_classes) identity logits of
       raw_features through the stream's second head (`raw_head`); empty
       otherwise.
+    weights: (B, 3) reliability weights of the [RGB | NI | TI] segments for
+      the flare-aware fusion (fusion.py); all ones with fusion "concat".
   """
   embedding: Array
   features: Mapping[str, Array]
@@ -83,6 +86,7 @@ class ModelOutput:
   plug_features: Mapping[str, Array] = flax.core.FrozenDict()
   raw_features: Mapping[str, Array] = flax.core.FrozenDict()
   raw_logits: Mapping[str, Array] = flax.core.FrozenDict()
+  weights: Optional[Array] = None
 
 
 def _conv_bn_relu(x: Array, features: int, kernel: int, train: bool,
@@ -410,6 +414,13 @@ class FACENet(nn.Module):
       after its last stage, where pooling follows FCE directly. The
       embedding is unchanged.
     embedding_source: "before_bn" or "after_bn" stream features.
+    fusion: how retrieval compares the stream features (fusion.py; beyond
+      the paper except "concat"): "concat" (the paper), "fixed" or
+      "saturation" (training-free weights from the flare evidence), "gate"
+      (a learned ReliabilityGate).
+    fusion_weight: a fully flared stream's weight ("fixed", "saturation").
+    fusion_full_ratio: "saturation": the saturated fraction at which the
+      weight reaches fusion_weight.
     dtype: compute dtype (parameters are float32).
   """
   num_classes: int
@@ -440,6 +451,9 @@ class FACENet(nn.Module):
   fce_mask_gradient: bool = True
   raw_head: bool = False
   embedding_source: str = "before_bn"
+  fusion: str = "concat"
+  fusion_weight: float = 0.5
+  fusion_full_ratio: float = 0.2
   dtype: Dtype = jnp.float32
 
   @property
@@ -486,6 +500,7 @@ class FACENet(nn.Module):
     if self.mask_temperature <= 0:
       raise ValueError(f"model.mask_temperature must be > 0, got "
                        f"{self.mask_temperature}")
+    fusion_lib.check(self.fusion, self.fusion_weight, self.fusion_full_ratio)
     if self.embedding_source not in EMBEDDING_SOURCES:
       raise ValueError(f"model.embedding must be one of {EMBEDDING_SOURCES}, "
                        f"got {self.embedding_source!r}")
@@ -493,7 +508,8 @@ class FACENet(nn.Module):
   @nn.compact
   def __call__(self, images: Mapping[str, Array], flare: Array,
                train: bool = False,
-               camera: Optional[Array] = None) -> ModelOutput:
+               camera: Optional[Array] = None,
+               flare_ratio: Optional[Array] = None) -> ModelOutput:
     """Runs the three streams.
 
     Args:
@@ -503,6 +519,8 @@ class FACENet(nn.Module):
         running averages and no dropping. Stochastic depth needs the
         "dropout" rng.
       camera: (B,) int camera ids; read only with num_cameras > 0.
+      flare_ratio: (B, 2) saturated fraction of the raw [RGB, NI] images;
+        read only by the fusions "saturation" and "gate".
 
     Returns:
       ModelOutput.
@@ -617,4 +635,24 @@ class FACENet(nn.Module):
                        masks=masks, flare_logits=flare_logits,
                        thresholds=thresholds, flare_maps=flare_maps,
                        fce_guides=guides, plug_features=plug_features,
-                       raw_features=raw_features, raw_logits=raw_logits)
+                       raw_features=raw_features, raw_logits=raw_logits,
+                       weights=self._weights(flare, flare_ratio, masks))
+
+  def _weights(self, flare: Array, flare_ratio: Optional[Array],
+               masks: Mapping[str, Array]) -> Array:
+    """(B, 3) segment weights of the fusion, from each image's evidence."""
+    if self.fusion != "gate":
+      return fusion_lib.stream_weights(self.fusion, flare, flare_ratio,
+                                       self.fusion_weight,
+                                       self.fusion_full_ratio)
+    if flare_ratio is None:
+      raise ValueError("model.fusion='gate' needs the images' saturated "
+                       "fractions (flare_ratio)")
+    evidence = [jnp.asarray(flare_ratio, jnp.float32),
+                jnp.asarray(flare, jnp.float32)]
+    if masks:
+      evidence.append(jnp.stack(
+          [jnp.mean(masks[m].astype(jnp.float32), axis=(1, 2, 3))
+           for m in FLARE_MODALITIES], axis=-1))
+    return fusion_lib.ReliabilityGate(name="fusion_gate")(
+        jnp.stack(evidence, axis=-1))
