@@ -1566,6 +1566,8 @@ def _evaluate_set(config: ml_collections.ConfigDict, workdir: str,
   # file does not depend on an eval.missing_in that has no effect.
   results["missing_in"] = side if missing else "none"
   results["rendered_flare"] = rendered
+  results["fusion"] = {k: config.model[k]
+                       for k in checkpointing.FUSION_FIELDS}
   logging.info("Evaluated step %d on %s/%s in %.1fs: %s", results["step"],
                query_split, gallery_split, time.time() - start,
                json.dumps(results))

@@ -295,6 +295,30 @@ def render_examples(config: SyntheticFlareConfig, planned: list[PlannedSample],
     yield make_example(config, sample)
 
 
+_SMALL = SyntheticFlareConfig(
+    name="small",
+    description="Demo: 128x64 images, 150 train / 100 test / 100 val ids, ~2.5k train "
+                "triplets.",
+    num_train_ids=150,
+    num_test_ids=100,
+    # As many as test: with 50, val had 24 flare queries, too few to tell
+    # design choices apart.
+    num_val_ids=100,
+    cameras_per_id=(4, 7),
+    samples_per_camera=(1, 5))
+# A robustness condition, not a replacement for `small`: the same identities,
+# splits, cameras and scenes (each knob draws from its own random stream),
+# with every flare 2.5x as intense, so that a flared image has about twice
+# the saturated share (median ~0.3 of the RGB and ~0.37 of the NI channel
+# values, against ~0.15 and ~0.2) and glare covers more of what identifies a
+# vehicle.
+_SEVERE = dataclasses.replace(
+    _SMALL, name="small_severe",
+    description="Robustness: `small` with 2.5x flare intensity (same ids, splits and "
+                "scenes; more of each flared image saturated).",
+    render=synthetic_render.RenderConfig(flare_strength=2.5))
+
+
 class SyntheticFlare(tfds.core.GeneratorBasedBuilder):
   """Procedurally generated RGB/NI/TI vehicle re-ID triplets with flare.
 
@@ -333,33 +357,8 @@ class SyntheticFlare(tfds.core.GeneratorBasedBuilder):
           samples_per_camera=(1, 2),
           query_cameras=2,
           render=synthetic_render.RenderConfig(height=64, width=32, flare_prob=0.5)),
-      SyntheticFlareConfig(
-          name="small",
-          description="Demo: 128x64 images, 150 train / 100 test / 100 val ids, ~2.5k train "
-                      "triplets.",
-          num_train_ids=150,
-          num_test_ids=100,
-          # As many as test: with 50, val had 24 flare queries, too few to
-          # tell design choices apart.
-          num_val_ids=100,
-          cameras_per_id=(4, 7),
-          samples_per_camera=(1, 5)),
-      # A robustness condition, not a replacement for `small`: the same
-      # identities, splits, cameras and scenes (each knob draws from its own
-      # random stream), with every flare 2.5x as intense, so that a flared
-      # image has about twice the saturated share (median ~0.3 of the RGB
-      # and ~0.37 of the NI channel values, against ~0.15 and ~0.2) and
-      # glare covers more of what identifies a vehicle.
-      SyntheticFlareConfig(
-          name="small_severe",
-          description="Robustness: `small` with 2.5x flare intensity (same ids, "
-                      "splits and scenes; more of each flared image saturated).",
-          num_train_ids=150,
-          num_test_ids=100,
-          num_val_ids=100,
-          cameras_per_id=(4, 7),
-          samples_per_camera=(1, 5),
-          render=synthetic_render.RenderConfig(flare_strength=2.5)),
+      _SMALL,
+      _SEVERE,
       SyntheticFlareConfig(
           name="large",
           description="Experiments: 128x64 images, 400 train / 300 test / 100 val ids, ~10k "
