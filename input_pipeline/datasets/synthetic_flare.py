@@ -309,9 +309,9 @@ _SMALL = SyntheticFlareConfig(
 # A robustness condition, not a replacement for `small`: the same identities,
 # splits, cameras and scenes (each knob draws from its own random stream),
 # with every flare 2.5x as intense, so that a flared image has about twice
-# the saturated share (median ~0.3 of the RGB and ~0.37 of the NI channel
-# values, against ~0.15 and ~0.2) and glare covers more of what identifies a
-# vehicle.
+# the saturated share (median 0.32 of the RGB and 0.37 of the NI channel
+# values, against 0.15 and 0.20; docs/data.md) and glare covers more of what
+# identifies a vehicle.
 _SEVERE = dataclasses.replace(
     _SMALL, name="small_severe",
     description="Robustness: `small` with 2.5x flare intensity (same ids, splits and "
