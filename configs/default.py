@@ -169,9 +169,10 @@ def get_config() -> ml_collections.ConfigDict:
   # each image's RGB and NI segments by its own flare evidence in a
   # pair-normalised distance: "fixed" (fusion_weight where delta = 1),
   # "saturation" (falls linearly with the raw image's saturated fraction to
-  # fusion_weight at fusion_full_ratio) or "gate" (learned with a triplet on
-  # that distance, loss.fusion_triplet_weight). The training-free ones can be
-  # chosen on a finished run's val split: scripts/fusion.py.
+  # fusion_weight at fusion_full_ratio) or "gate" (learned). Training with a
+  # flare-aware fusion adds a triplet on its distance
+  # (loss.fusion_triplet_weight). The weights of "fixed" and "saturation" need
+  # no training: scripts/fusion.py chooses them on a finished run's val split.
   config.model.fusion = "concat"
   config.model.fusion_weight = 0.5
   config.model.fusion_full_ratio = 0.2
@@ -203,8 +204,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.modality = "none"
   config.loss.modality_weight = 1.0
   config.loss.modality_margin = 0.1
-  # Beyond the paper: the triplet on the learned fusion's distance
-  # (model.fusion = "gate"; unused otherwise).
+  # Beyond the paper: with a flare-aware model.fusion, a batch-hard triplet on
+  # that fusion's distance trains the streams (and a learned gate) under the
+  # distance they are ranked with (unused with "concat").
   config.loss.fusion_triplet_weight = 1.0
 
   # --- Restoration training (beyond the paper; off in the paper) ---------------

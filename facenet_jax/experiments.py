@@ -76,9 +76,15 @@ VARIANTS["mfmp_fce_ms1_ws_restore"] = {**VARIANTS["mfmp_fce_ws"], **_RESTORE,
 # The same masks without restoration or warm start (the third study's runs;
 # in no table, for scripts/diagnose_study.py).
 VARIANTS["mfmp_fce_ms1"] = {**_MFMP_FCE, "model.mask_stage": 1}
-# The learned flare-aware fusion (beyond the paper, facenet_jax/fusion.py).
+# The flare-aware fusion (beyond the paper, facenet_jax/fusion.py), learned
+# or the saturation weights (w 0.5 at a saturated fraction of 0.4), each
+# trained with the triplet on its distance.
 VARIANTS.update({f"{v}_gate": {**VARIANTS[v], "model.fusion": "gate"}
                  for v in ("baseline", "mfmp_fce")})
+VARIANTS["baseline_sat"] = {**VARIANTS["baseline"],
+                            "model.fusion": "saturation",
+                            "model.fusion_weight": 0.5,
+                            "model.fusion_full_ratio": 0.4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +156,7 @@ TABLES: dict[int, Table] = {
     11: Table(11, "Flare-aware fusion (beyond the paper)", (
         _BASELINE,
         ("Baseline, learned fusion gate", "baseline_gate", None),
+        ("Baseline, saturation fusion", "baseline_sat", None),
         ("+ MFMP + FCE", "mfmp_fce", _PAPER_MFMP_FCE),
         ("+ MFMP + FCE, learned fusion gate", "mfmp_fce_gate", None),
     )),

@@ -459,9 +459,10 @@ class LossConfig:
     modality: modality-relation loss, one of MODALITY_LOSSES.
     modality_weight: weight of the modality-relation loss.
     modality_margin: margin of the 3M loss.
-    fusion_triplet_weight: weight of the batch-hard triplet on the learned
+    fusion_triplet_weight: weight of the batch-hard triplet on a flare-aware
       fusion's distance (`fused_triplet`; beyond the paper), which trains
-      the fusion's gate; computed only when total_loss is given `fused`.
+      the streams under the distance they are ranked with (and a learned
+      gate); computed only when total_loss is given `fused`.
   """
   ce_weight: float = 1.0
   label_smoothing: float = 0.0
@@ -553,7 +554,8 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
   empty for a model without MFMP. L_modality is IC on the RGB and NI logits,
   or 3M / HC / CdC on the features, or absent for "none". The last four terms
   go beyond the paper and are computed only when their weight is > 0 (the
-  fused triplet: when `fused` is given, by a model with a learned fusion).
+  fused triplet: when `fused` is given, by a model with a flare-aware
+  fusion).
 
   Args:
     logits: stream -> (B, C) classifier outputs (after the BN neck).
@@ -575,7 +577,7 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
       fce_raw_weight > 0 and the model has FCE.
     raw_features: stream -> (B, D).
     fused: (fused embedding (B, M * D), segment weights (B, M)) of a
-      learned fusion; None = no fused triplet.
+      flare-aware fusion; None = no fused triplet.
 
   Returns:
     total: scalar, the weighted sum.

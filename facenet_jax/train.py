@@ -370,9 +370,10 @@ def training_loss(params: Any, *, batch_stats: Any,
       camera=batch.get("camid"), flare_ratio=batch.get("flare_ratio"),
       rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
   head = lambda tree: {k: v[:size] for k, v in tree.items()}
-  # A learned fusion is trained through the distance it ranks with.
+  # A flare-aware fusion trains the streams (and a learned gate) with a
+  # triplet on the distance it ranks with.
   fused = None
-  if model.fusion == "gate":
+  if model.fusion != "concat":
     fused = (fusion_lib.normalized_segments(out.embedding[:size]),
              out.weights[:size])
   loss, terms = losses.total_loss(
@@ -914,7 +915,7 @@ def _model_summary(config: ml_collections.ConfigDict) -> str:
     loss += " + CE/triplet before FCE"
   if config.loss.modality != "none":
     loss += f" + {config.loss.modality.upper()}"
-  if m.fusion == "gate":
+  if m.fusion != "concat":
     loss += " + fused triplet"
   h, w = config.input_size
   return (f"{', '.join(parts)}; {h}x{w}; loss {loss}; fusion "

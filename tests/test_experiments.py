@@ -31,17 +31,18 @@ def _fake_results(seed: int, steps: int, split: str = "test") -> dict:
 
 class VariantsTest(absltest.TestCase):
 
-  def test_all_tables_need_twenty_three_distinct_variants(self):
+  def test_all_tables_need_twenty_four_distinct_variants(self):
     variants = experiments.variants_of(sorted(experiments.TABLES))
     # The paper's Tables 2-5 need 12; Table 8 adds the two ViT runs, the
     # warm-start table three, the restoration table four and the fusion
-    # table its two learned gates.
+    # table its two learned gates and the trained saturation fusion.
     self.assertLen(experiments.variants_of([2, 3, 4, 5]), 12)
     self.assertEqual(experiments.variants_of([8]),
                      ["baseline", "facenet", "vit_baseline", "vit_facenet"])
-    self.assertLen(variants, 23)
+    self.assertLen(variants, 24)
     self.assertEqual(experiments.variants_of([11]),
-                     ["baseline", "baseline_gate", "mfmp_fce", "mfmp_fce_gate"])
+                     ["baseline", "baseline_gate", "baseline_sat", "mfmp_fce",
+                      "mfmp_fce_gate"])
     # One more is in no table: the diagnostics' stage-1 masks.
     self.assertCountEqual(variants + ["mfmp_fce_ms1"], experiments.VARIANTS)
 
