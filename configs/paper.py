@@ -4,7 +4,8 @@ configs/default.py keeps the paper's training recipe but sets the flare
 mechanism to what the validation split chose, several choices beyond the
 paper. This config undoes each of those: SMP supervises the mask through the
 pooled image-level pseudo-label only, FCE pastes f_T itself under the hard
-mask and feeds A_S to flare-free samples, the identity losses reach the mask
+mask and feeds A_S to flare-free samples, retrieval ranks the concatenated
+embedding (no flare-aware fusion), the identity losses reach the mask
 through the straight-through gradient, the mask branch shares the backbones'
 gradients, and IC is the modality loss.
 
@@ -29,6 +30,7 @@ def apply_paper_reading(config):
   config.loss.fce_consistency_weight = 0.0
   config.loss.fce_raw_weight = 0.0
   config.loss.modality = "ic"
+  config.model.fusion = "concat"
   return config
 
 

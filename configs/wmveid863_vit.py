@@ -58,6 +58,9 @@ def apply_official_vit_recipe(config, *, learning_rate: float,
   # ViT re-ID codebases shares.
   config.optimizer.min_lr_factor = 0.002
   config.num_epochs = num_epochs
+  # The paper's ranking; a flare-aware fusion (beyond the paper) is chosen
+  # on the run's val_ids split afterwards: scripts/fusion.py --split val.
+  config.model.fusion = "concat"
   return config
 
 

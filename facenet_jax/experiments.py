@@ -79,12 +79,14 @@ VARIANTS["mfmp_fce_ms1"] = {**_MFMP_FCE, "model.mask_stage": 1}
 # The flare-aware fusion (beyond the paper, facenet_jax/fusion.py), learned
 # or the saturation weights (w 0.5 at a saturated fraction of 0.4), each
 # trained with the triplet on its distance.
-VARIANTS.update({f"{v}_gate": {**VARIANTS[v], "model.fusion": "gate"}
+_FUSED_TRIPLET = {"loss.fusion_triplet_weight": 1.0}
+VARIANTS.update({f"{v}_gate": {**VARIANTS[v], "model.fusion": "gate",
+                               **_FUSED_TRIPLET}
                  for v in ("baseline", "mfmp_fce")})
 VARIANTS["baseline_sat"] = {**VARIANTS["baseline"],
                             "model.fusion": "saturation",
                             "model.fusion_weight": 0.5,
-                            "model.fusion_full_ratio": 0.4}
+                            "model.fusion_full_ratio": 0.4, **_FUSED_TRIPLET}
 
 
 @dataclasses.dataclass(frozen=True)

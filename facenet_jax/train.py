@@ -151,6 +151,10 @@ def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
     raise ValueError(
         "loss.fce_raw_weight > 0 trains the flare streams' maps before FCE: "
         "it needs model.use_fce=True and model.use_mfmp=True (or weight 0)")
+  if config.model.fusion == "gate" and config.loss.fusion_triplet_weight <= 0:
+    raise ValueError(
+        "model.fusion='gate' learns its weights from the triplet on its "
+        "distance: set loss.fusion_triplet_weight > 0 (e.g. 1.0)")
   if config.loss.flare_pixel_weight > 0 and config.model.use_mfmp:
     _check_pixel_target_grid(config)
   return losses.LossConfig(**config.loss.to_dict())

@@ -106,6 +106,15 @@ class WeightsTest(absltest.TestCase):
                               full_ratio=0.2),
         [[0.5, 1, 1], [0.875, 0.7, 1], [1, 0.95, 1]], rtol=1e-6)
 
+  def test_a_gate_needs_its_triplet(self):
+    config = tiny.get_config()
+    config.model.fusion = "gate"
+    config.loss.fusion_triplet_weight = 0.0
+    with self.assertRaisesRegex(ValueError, "loss.fusion_triplet_weight > 0"):
+      train.loss_config(config)
+    config.loss.fusion_triplet_weight = 1.0
+    self.assertEqual(train.loss_config(config).fusion_triplet_weight, 1.0)
+
   def test_bad_settings_name_the_field(self):
     for args, field in ((("mean", 0.5, 0.2), "model.fusion"),
                         (("fixed", 1.5, 0.2), "model.fusion_weight"),
