@@ -50,6 +50,9 @@ CANDIDATES = (
     *(Candidate(f"saturation, w {w:g} at {r:g}", "saturation", w, r)
       for w in (0.5, 0.25, 0.0) for r in (0.1, 0.2, 0.4)),
 )
+# configs/default.py's fusion, the candidate that held across glare strengths
+# on val (docs/results.md): ranked on test beside concat and a run's choice.
+DEFAULT = Candidate("saturation, w 0.5 at 0.4", "saturation", 0.5, 0.4)
 # The row of a run's own learned fusion ("gate"), beside the candidates.
 LEARNED_LABEL = "gate (learned)"
 
@@ -162,12 +165,13 @@ def record(workdir: str, config: ml_collections.ConfigDict,
 
 def evaluate_choice(config: ml_collections.ConfigDict, embedded: dict,
                     workdir: str) -> list[dict]:
-  """Rows of concat, the run's recorded val choice and its learned gate.
+  """Rows of concat, DEFAULT, the run's recorded val choice and its gate.
 
   For the test split: only what was chosen on val is ranked.
   """
   choice = checkpointing.read_recorded_fusion(workdir)
-  wanted = [CANDIDATES[0]]
+  wanted = [c for c in CANDIDATES if c.fields() in (CANDIDATES[0].fields(),
+                                                     DEFAULT.fields())]
   if choice is not None and choice["fusion"] != "concat":
     wanted.append(Candidate("chosen on val", **choice))
   return sweep(config, embedded, wanted)

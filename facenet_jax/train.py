@@ -346,6 +346,12 @@ def with_flared_copies(batch: Mapping[str, jax.Array], restore: RestoreConfig,
   out = {m: jnp.concatenate([batch[m], flared.get(m, sources[m])])
          for m in MODALITIES}
   out["flare"] = jnp.concatenate([flare, rendered.flare])
+  if "flare_ratio" in batch:
+    # Measured at the input size, like the copies' pseudo-labels.
+    out["flare_ratio"] = jnp.concatenate([
+        batch["flare_ratio"],
+        jnp.mean(rendered.saturation, axis=(1, 2)).astype(
+            batch["flare_ratio"].dtype)])
   for k in ("label", "camid"):
     if k in batch:
       out[k] = jnp.concatenate([batch[k], batch[k][src]])
@@ -377,7 +383,7 @@ def training_loss(params: Any, *, batch_stats: Any,
   # A flare-aware fusion trains the streams (and a learned gate) with a
   # triplet on the distance it ranks with.
   fused = None
-  if model.fusion != "concat":
+  if model.fusion != "concat" and loss_cfg.fusion_triplet_weight > 0:
     fused = (fusion_lib.normalized_segments(out.embedding[:size]),
              out.weights[:size])
   loss, terms = losses.total_loss(
@@ -919,7 +925,7 @@ def _model_summary(config: ml_collections.ConfigDict) -> str:
     loss += " + CE/triplet before FCE"
   if config.loss.modality != "none":
     loss += f" + {config.loss.modality.upper()}"
-  if m.fusion != "concat":
+  if m.fusion != "concat" and config.loss.fusion_triplet_weight > 0:
     loss += " + fused triplet"
   h, w = config.input_size
   return (f"{', '.join(parts)}; {h}x{w}; loss {loss}; fusion "

@@ -94,9 +94,10 @@ def diagnose_run(config, workdir: str, probes=PROBES) -> dict:
     segments = {s: experiments.modality_segments(split[s]["embedding"],
                                                  MODALITIES) for s in split}
     for m in MODALITIES:
-      reports[f"{m.upper()} segment only"] = train.rank(
-          config, {**split["query"], "embedding": segments["query"][m]},
-          {**split["gallery"], "embedding": segments["gallery"][m]})
+      # One segment alone: Euclidean, whatever fusion the run ranks with.
+      alone = [{**{k: v for k, v in split[s].items() if k != "weights"},
+                "embedding": segments[s][m]} for s in ("query", "gallery")]
+      reports[f"{m.upper()} segment only"] = train.rank(config, *alone)
   if "flare_weighting" in probes:
     for w in FLARE_WEIGHTS:
       name = ("equal segments" if w == 1 else

@@ -45,6 +45,7 @@ def make_batches(config, num: int = 2) -> list:
              for m in ("rgb", "ni", "ti")}
     batch["label"] = np.repeat(np.arange(p), k).astype(np.int32)
     batch["flare"] = rng.integers(0, 2, size=(p * k, 2)).astype(np.float32)
+    batch["flare_ratio"] = (batch["flare"] * 0.3).astype(np.float32)
     # The pixel-level flare target (loss.flare_pixel_weight) of RGB and NI.
     batch["saturation"] = (rng.random((p * k, h, w, 2)) < 0.2).astype(np.float32)
     batches.append(batch)

@@ -235,7 +235,8 @@ class EndToEndTest(absltest.TestCase):
         np.float32)
     alone = model.apply({"params": state.params,
                          "batch_stats": state.batch_stats}, images, flare,
-                        train=False).masks
+                        train=False, flare_ratio=data["flare_ratio"][-1:]
+                        ).masks
     np.testing.assert_allclose(scores["masks"]["rgb"][-1],
                                np.asarray(alone["rgb"][0]).mean(axis=-1),
                                atol=1e-6)

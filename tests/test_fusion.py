@@ -211,6 +211,7 @@ class ChoiceTest(absltest.TestCase):
     super().setUp()
     self.workdir = tempfile.mkdtemp(prefix="fusion_choice_")
     self.config = tiny.get_config()
+    self.config.model.fusion = "concat"
     checkpointing.check_config(self.workdir, self.config, has_state=False)
 
   def _rows(self, *alls):
@@ -233,7 +234,7 @@ class ChoiceTest(absltest.TestCase):
     self.assertEqual(checkpointing.load_config(
         self.workdir, recorded_fusion=False).model.fusion, "concat")
     mine = tiny.get_config()
-    mine.model.fusion = "saturation"
+    mine.model.fusion = "saturation"  # Not what the run was trained with.
     self.assertIsNone(checkpointing.apply_recorded_fusion(mine, self.workdir))
     self.assertEqual(mine.model.fusion, "saturation")
 
@@ -253,6 +254,7 @@ class ChoiceTest(absltest.TestCase):
     checkpointing.check_config(self.workdir, fixed, has_state=True)
     gate = tiny.get_config()
     gate.model.fusion = "gate"
+    gate.loss.fusion_triplet_weight = 1.0
     with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
                                 "model.fusion: saved 'concat', now 'gate'"):
       checkpointing.check_config(self.workdir, gate, has_state=True)

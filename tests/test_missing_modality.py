@@ -30,6 +30,7 @@ def _batch(size: int = 4) -> dict:
   batch = {m: rng.uniform(0.5, 2.0, (size, 6, 4, 3)).astype(np.float32)
            for m in MODALITIES}
   batch["flare"] = np.ones((size, 2), np.float32)
+  batch["flare_ratio"] = np.full((size, 2), 0.3, np.float32)
   batch["pid"] = np.arange(size)
   return batch
 
@@ -47,6 +48,9 @@ class BlankingTest(parameterized.TestCase):
     for i, m in enumerate(FLARE_MODALITIES):
       np.testing.assert_array_equal(out["flare"][:, i],
                                     0.0 if m in missing else 1.0)
+      # A missing image has no saturated fraction either (fusion weight 1).
+      np.testing.assert_allclose(out["flare_ratio"][:, i],
+                                 0.0 if m in missing else 0.3, rtol=1e-6)
     np.testing.assert_array_equal(out["pid"], batch["pid"])
 
   def test_zero_flare_keeps_the_images(self):

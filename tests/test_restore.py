@@ -78,6 +78,7 @@ def _batch(config, flare_rows=(0, 3)) -> dict:
   flare = np.zeros((p * k, 2), np.float32)
   flare[list(flare_rows)] = 1.0
   batch["flare"] = jnp.asarray(flare)
+  batch["flare_ratio"] = jnp.asarray(flare * 0.3)
   batch["saturation"] = jnp.zeros((p * k, h, w, 2), jnp.float32)
   return batch
 
@@ -180,8 +181,12 @@ class TrainingLossTest(absltest.TestCase):
         train.with_flared_copies, restore=restore))(_batch(config),
                                                      key=jax.random.key(0))
     size = batch["label"].shape[0] - 4
+    # The copies carry their own saturated fractions (the fusion reads them).
+    self.assertEqual(batch["flare_ratio"].shape, (size + 4, 2))
+    self.assertTrue(np.all(np.asarray(batch["flare_ratio"][size:]) > 0))
     variables = model.init(jax.random.key(0), train.model_inputs(batch),
-                           batch["flare"], train=False)
+                           batch["flare"], train=False,
+                           flare_ratio=batch["flare_ratio"])
     # Eager: one forward pass of the tiny model runs faster than it compiles.
     with jax.disable_jit():
       loss, (terms, out, _) = train.training_loss(

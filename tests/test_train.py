@@ -25,6 +25,9 @@ def _batch(rng: np.random.Generator, config) -> dict:
            for m in MODALITIES}
   batch["label"] = np.repeat(np.arange(p), k).astype(np.int32)
   batch["flare"] = rng.integers(0, 2, size=(p * k, 2)).astype(np.float32)
+  # The saturated fractions the pseudo-labels come from (the fusion reads them).
+  batch["flare_ratio"] = (batch["flare"] * rng.uniform(0.1, 0.6, (p * k, 2))
+                         ).astype(np.float32)
   # The pixel-level flare target (loss.flare_pixel_weight) of RGB and NI.
   batch["saturation"] = (rng.random((p * k, h, w, 2)) < 0.2).astype(np.float32)
   return batch

@@ -237,8 +237,9 @@ class RunTest(absltest.TestCase):
 
   def test_rank_frames_show_true_and_false_matches(self):
     query, gallery = self.query, self.gallery
-    distmat = evaluation.pairwise_distance(query["embedding"],
-                                           gallery["embedding"])
+    # The run's own ranking (its fusion's distance, as evaluation ranks).
+    self.assertIn("weights", query)
+    distmat = evaluation.distance_matrix(query, gallery)
     flared = np.any(query["flare"] > 0.5, axis=1)
     self.assertTrue(flared.any() and not flared.all())
     layout = visualize.RankLayout(128, 64, self.options.topk)
