@@ -172,6 +172,6 @@ def evaluate_choice(config: ml_collections.ConfigDict, embedded: dict,
   choice = checkpointing.read_recorded_fusion(workdir)
   wanted = [c for c in CANDIDATES if c.fields() in (CANDIDATES[0].fields(),
                                                      DEFAULT.fields())]
-  if choice is not None and choice["fusion"] != "concat":
+  if choice is not None:
     wanted.append(Candidate("chosen on val", **choice))
   return sweep(config, embedded, wanted)
