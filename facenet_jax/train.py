@@ -933,7 +933,7 @@ def _model_summary(config: ml_collections.ConfigDict) -> str:
 
 
 def fusion_summary(config: ml_collections.ConfigDict) -> str:
-  """The fusion of config.model in a few words, e.g. 'fixed (w 0.5)'."""
+  """The fusion of config.model in a few words, e.g. 'fixed (flared w 0.5)'."""
   m = config.model
   if m.fusion == "fixed":
     return f"fixed (flared w {m.fusion_weight:g})"
