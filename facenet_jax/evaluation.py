@@ -452,22 +452,35 @@ def pairwise_distance(query_features: np.ndarray,
   if query_chunk_size < 1:
     raise ValueError(
         f"query_chunk_size must be positive, got {query_chunk_size}")
-  num_q = query_features.shape[0]
-  out = np.empty((num_q, gallery_features.shape[0]), np.float32)
+  return _by_query_chunks(_distance_chunk, (query_features,),
+                          (gallery_features,), query_chunk_size)
+
+
+def _by_query_chunks(fn, queries: tuple, gallery: tuple,
+                     chunk_size: int, pad_values: tuple = ()) -> np.ndarray:
+  """(Q, G) float32 fn(*query chunk, *gallery) over chunks of query rows.
+
+  The gallery arrays go to the device once. The last chunk is padded (with
+  `pad_values`, one per query array, default 0) to the chunk size, so that a
+  single shape is compiled per gallery; dispatch is asynchronous, so one
+  chunk is copied to the host while the device computes the next.
+  """
+  num_q = len(queries[0])
+  out = np.empty((num_q, len(gallery[0])), np.float32)
   if num_q == 0:
     return out
   # A chunk larger than Q would only compute padding.
-  chunk = min(query_chunk_size, num_q)
-  gallery = jax.device_put(gallery_features.astype(np.float32))
+  chunk = min(chunk_size, num_q)
+  gallery = tuple(jax.device_put(np.asarray(g, np.float32)) for g in gallery)
+  pad_values = pad_values or (0.0,) * len(queries)
   pending = []
   for start in range(0, num_q, chunk):
-    query = query_features[start:start + chunk].astype(np.float32)
-    rows = query.shape[0]
+    parts = [np.asarray(q[start:start + chunk], np.float32) for q in queries]
+    rows = len(parts[0])
     if rows < chunk:
-      query = np.pad(query, ((0, chunk - rows), (0, 0)))
-    pending.append((start, rows, _distance_chunk(query, gallery)))
-    # Dispatch is asynchronous: the previous chunk is copied to the host
-    # while the device computes this one.
+      parts = [np.pad(p, ((0, chunk - rows), (0, 0)), constant_values=v)
+               for p, v in zip(parts, pad_values)]
+    pending.append((start, rows, fn(*parts, *gallery)))
     if len(pending) == 2:
       done_start, done_rows, done = pending.pop(0)
       out[done_start:done_start + done_rows] = np.asarray(done)[:done_rows]
@@ -528,21 +541,10 @@ def fused_pairwise_distance(query: np.ndarray, query_weights: np.ndarray,
 
   The last chunk is padded so that one shape is compiled per gallery.
   """
-  if len(query) == 0:
-    return np.empty((0, len(gallery)), np.float32)
-  chunk = min(query_chunk_size, len(query))
-  gallery = jax.device_put(np.asarray(gallery, np.float32))
-  gallery_weights = jax.device_put(np.asarray(gallery_weights, np.float32))
-  out = []
-  for start in range(0, len(query), chunk):
-    q = np.asarray(query[start:start + chunk], np.float32)
-    w = np.asarray(query_weights[start:start + chunk], np.float32)
-    rows = len(q)
-    if rows < chunk:
-      q = np.pad(q, ((0, chunk - rows), (0, 0)))
-      w = np.pad(w, ((0, chunk - rows), (0, 0)), constant_values=1.0)
-    out.append(np.asarray(_fused_chunk(q, w, gallery, gallery_weights))[:rows])
-  return np.concatenate(out)
+  # Padded query rows get weight 1 (a zero weight row has no normaliser).
+  return _by_query_chunks(_fused_chunk, (query, query_weights),
+                          (gallery, gallery_weights), query_chunk_size,
+                          pad_values=(0.0, 1.0))
 
 
 _fused_chunk = jax.jit(fusion.fused_distances)
