@@ -5,7 +5,7 @@ the validation split of synthetic_flare chose (docs/results.md), several of
 them beyond the paper and labelled so below; configs/paper.py is the same
 with the paper's reading of every one of them.
 
-Every field here is read by the trainer only (`facenet_jax/train.py`); models,
+Every field here is read by the trainer only (`facenet_jax/train/`); models,
 losses and the evaluator take typed arguments. Derived values (steps per epoch,
 number of classes) are computed from the data, never stored here.
 
@@ -36,15 +36,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.val_ids = 0
   # Network input (H, W).
   config.input_size = (256, 128)
-  # P x K identity-balanced training batches (official code: 8 x 4).
+  # P x K identity-balanced training batches: ids_per_batch identities x
+  # instances_per_id triplets each (official code: 8 x 4).
   config.ids_per_batch = 8
   config.instances_per_id = 4
+  # Triplets per evaluation batch (rounded up to a multiple of the devices).
   config.eval_batch_size = 64
-  # Per-modality normalisation, in [RGB, NI, TI] order (ImageNet statistics).
+  # Per-modality normalisation, mean and std, rows in [RGB, NI, TI] order
+  # (ImageNet statistics).
   config.normalization = ml_collections.ConfigDict()
   config.normalization.mean = ((0.485, 0.456, 0.406),) * 3
   config.normalization.std = ((0.229, 0.224, 0.225),) * 3
-  # Augmentation; geometry is shared by the three images of a triplet.
+  # Augmentation; geometry is shared by the three images of a triplet:
+  # horizontal flip with flip_prob, zero pad by pad pixels then a random crop
+  # back, random erasing with random_erasing_prob.
   config.augment = ml_collections.ConfigDict()
   config.augment.flip_prob = 0.5
   config.augment.pad = 10
@@ -54,9 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.flare = ml_collections.ConfigDict()
   config.flare.pixel_low = 250
   config.flare.ratio_threshold = 0.1
+  config.preprocess = ml_collections.ConfigDict()
   # Classical de-flare baseline (Table 3): CLAHE on the RGB and NI images
   # before anything else (input_pipeline/deflare.py); off in the paper's model.
-  config.preprocess = ml_collections.ConfigDict()
   config.preprocess.clahe = False
   # scikit-image's normalised clip limit, in (0, 1].
   config.preprocess.clahe_clip_limit = 0.01
@@ -83,15 +88,16 @@ def get_config() -> ml_collections.ConfigDict:
   # transreid_b16 (ViT-B/16, overlapping patches, stride 12) | vit_micro8
   # (a 64-wide 4-block ViT with 8x8 patches, for tests and CPU studies).
   config.model.backbone = "resnet50"
-  # ResNets only: stage widths and the stride of stage 4.
+  # ResNets only: width_multiplier scales the stage widths; last_stride is
+  # the stride of stage 4 (re-ID convention: 1).
   config.model.width_multiplier = 1.0
   config.model.last_stride = 1
   # ViTs only: stochastic depth of the last block, linear over the blocks
   # (official ViT recipe: 0.1).
   config.model.drop_path = 0.0
   # ViTs only: TransReID's side information, a learned embedding per camera
-  # of the training split added to every token, weighted by the scale
-  # (TransReID: 3.0). Off in the official FACENet code. Needs camera ids, so
+  # of the training split added to every token, weighted by
+  # camera_embedding_scale (TransReID: 3.0). Off in the official FACENet code. Needs camera ids, so
   # the inference Embedder and exported models cannot run such a model.
   config.model.camera_embedding = False
   config.model.camera_embedding_scale = 3.0
@@ -106,7 +112,10 @@ def get_config() -> ml_collections.ConfigDict:
   # random init; optimizer and step start afresh. Exclusive with pretrained;
   # ignored when the run resumes from its own checkpoint. "" = off.
   config.model.init_from = ""
-  # Ablation switches (all off = the paper's baseline).
+  # Ablation switches (Table 2; all off = the paper's baseline): use_mfmp
+  # predicts the flare masks, use_fmi predicts them from the common RGB + NI
+  # feature (off: each modality from itself), use_fce pastes TI features
+  # under them (needs use_mfmp).
   config.model.use_mfmp = True
   config.model.use_fmi = True
   config.model.use_fce = True
@@ -122,12 +131,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.mask_temperature = 1.0
   # SMP: "mask" pools, per channel, the mask margins (m - Delta)/tau over
   # positions into image-level flare logits and averages their BCE over the
-  # channels, so the flare loss supervises the mask and Delta (MISSION.md's
-  # reading of "SMP supervises the flare mask"); "head" is the first reading,
-  # a separate classifier on the masked feature.
+  # channels, so the flare loss supervises the mask and Delta (this project's
+  # reading of "SMP supervises the flare mask", docs/model.md); "head" is the
+  # first reading, a separate classifier on the masked feature.
   config.model.smp = "mask"
-  # Pooling of positions for smp = "mask": topk | lse | max | mean.
-  config.model.smp_pooling = "topk"
+  # smp = "mask": the share of positions (the highest margins) averaged into
+  # the image-level logit.
   config.model.smp_topk_fraction = 0.25
   # The five fields below and loss.flare_pixel_weight,
   # loss.fce_consistency_weight and loss.modality are set to what the
@@ -147,17 +156,6 @@ def get_config() -> ml_collections.ConfigDict:
   # What a flare-free sample gets from FCE: "enhanced" (A_S, the paper) or
   # "identity" (f_S unchanged; beyond the paper).
   config.model.fce_clean = "identity"
-  # Mask FCE pastes with at evaluation: "hard" (the paper) or "soft"
-  # sigmoid((m - Delta)/tau) (beyond the paper; val: worse).
-  config.model.fce_inference_mask = "hard"
-  # What FCE puts where a flare sample's mask is on: "ti" (TI features, the
-  # paper), "none" (beyond the paper: the masked positions are left out
-  # of the stream's pooling; needs plug_stage 4) or "add" (beyond the paper:
-  # f_S + f_T there, the stream's own features kept).
-  config.model.fce_fill = "ti"
-  # Beyond the paper (paper: True): False pastes a stop-gradient f_T, so the
-  # RGB and NI losses do not train the TI stream through FCE.
-  config.model.fce_guide_gradient = True
   # Beyond the paper (paper: True): FCE's straight-through gradient from the
   # identity losses does not reach the mask; only the flare losses train it.
   config.model.fce_mask_gradient = False
@@ -167,9 +165,9 @@ def get_config() -> ml_collections.ConfigDict:
   # docs/model.md#flare-aware-fusion-beyond-the-paper): "concat" (the paper:
   # one L2-normalised vector, Euclidean) or a flare-aware fusion that weights
   # each image's RGB and NI segments by its own flare evidence in a
-  # pair-normalised distance: "fixed" (fusion_weight where delta = 1),
+  # pair-normalised distance: "fixed" (fusion_weight where delta = 1) or
   # "saturation" (falls linearly with the raw image's saturated fraction to
-  # fusion_weight at fusion_full_ratio) or "gate" (learned). Beyond the paper
+  # fusion_weight at fusion_full_ratio). Beyond the paper
   # (paper: "concat"): "saturation", weight 0.5 at a fraction of 0.4, is the
   # candidate that held on the validation split under mild, rendered and
   # severe glare (docs/results.md); scripts/fusion.py chooses a finished
@@ -180,11 +178,16 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Loss -------------------------------------------------------------------
   config.loss = ml_collections.ConfigDict()
+  # Per stream: identity cross-entropy (ce_weight, label_smoothing eps) and
+  # batch-hard triplet (triplet_weight, triplet_margin; triplet_soft_margin:
+  # softplus instead of the hinge, as the official code).
   config.loss.ce_weight = 1.0
   config.loss.label_smoothing = 0.0
   config.loss.triplet_weight = 1.0
   config.loss.triplet_margin = 0.3
   config.loss.triplet_soft_margin = False
+  # SMP's flare BCE against the pseudo-label (L_f, paper eq. 1), per flare
+  # modality.
   config.loss.flare_weight = 1.0
   # Beyond the paper (paper: 0 = off): per-position BCE of the mask margins against
   # the raw image's saturation map (same >= pixel_low bar as delta), brought
@@ -193,43 +196,23 @@ def get_config() -> ml_collections.ConfigDict:
   # Beyond the paper (paper: 0 = off): on flare-free samples, regress what FCE
   # pastes (conv1x1(f_T) with model.fce_projection) onto the stream's own map.
   config.loss.fce_consistency_weight = 1.0
-  # Beyond the paper (paper: 0 = off): with FCE, each flare stream's map before
-  # FCE is also pooled and trained with its own head's CE and triplet at this
-  # weight, so the stream keeps learning from what its flared images show
-  # (FCE replaces part of it before the stream's own head). Needs plug-in
-  # after ResNet stage 4. Off: on the val split it did not reach the
-  # baseline's flare mAP warm-started (docs/results.md).
-  config.loss.fce_raw_weight = 0.0
   # Modality relation loss: ic (paper) | none | 3m | hc | cdc (Table 5).
   # "none" departs from the paper: IC cost mAP on the validation split.
+  # modality_weight weighs it; modality_margin is the 3M loss's margin.
   config.loss.modality = "none"
   config.loss.modality_weight = 1.0
   config.loss.modality_margin = 0.1
-  # Beyond the paper: with a flare-aware model.fusion, the weight of a
-  # batch-hard triplet on that fusion's distance, which trains the streams
-  # (and a learned gate, which needs it > 0) under the distance they are
-  # ranked with. 0 = off: the weights then act at ranking only (on val the
-  # triplet did not help the "saturation" fusion; docs/results.md).
-  config.loss.fusion_triplet_weight = 0.0
-
-  # --- Restoration training (beyond the paper; off in the paper) ---------------
-  # copies > 0: each step renders a flare (facenet_jax/flare_render.py, a
-  # family unlike synthetic_flare's) onto the RGB and NI images of that many
-  # flare-free triplets of the batch and appends them; each copy adds its RGB
-  # and NI identity CE and, with `weight`, the restoration loss that pulls
-  # its RGB and NI stream features onto its clean source's. 0 = off.
-  config.restore = ml_collections.ConfigDict()
-  config.restore.copies = 0
-  config.restore.weight = 1.0
 
   # --- Optimisation -----------------------------------------------------------
   config.optimizer = ml_collections.ConfigDict()
-  # adam (paper) | sgd (with momentum; the official ViT recipe).
+  # adam (paper) | sgd (with momentum; the official ViT recipe), with L2
+  # weight_decay on kernels and base learning_rate.
   config.optimizer.name = "adam"
   config.optimizer.momentum = 0.9
   config.optimizer.learning_rate = 3.5e-4
   config.optimizer.weight_decay = 5e-4
-  # piecewise (paper: x0.1 at epochs 40 and 70) | cosine (with warmup).
+  # piecewise (paper: x decay_factor 0.1 at decay_epochs 40 and 70) | cosine;
+  # either after a linear warmup of warmup_epochs (0 = none).
   config.optimizer.schedule = "piecewise"
   config.optimizer.decay_epochs = (40, 70)
   config.optimizer.decay_factor = 0.1
@@ -238,18 +221,26 @@ def get_config() -> ml_collections.ConfigDict:
   # min_lr_factor x learning_rate.
   config.optimizer.warmup_factor = 0.0
   config.optimizer.min_lr_factor = 0.0
+  # Training length in epochs of the training split (paper: 120).
   config.num_epochs = 120
   # > 0 overrides num_epochs.
   config.num_train_steps = -1
 
   # --- Loop -------------------------------------------------------------------
+  # Seeds the initialisation, the batch order and the augmentation.
   config.seed = 0
+  # Metrics (TensorBoard, the progress bar's loss) every log_every_steps; a
+  # checkpoint every checkpoint_every_steps and at the end, the newest
+  # keep_checkpoints kept.
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
 
   # --- Evaluation -------------------------------------------------------------
   config.eval = ml_collections.ConfigDict()
+  # flip_average: embed each image and its mirror image and average; rerank:
+  # k-reciprocal re-ranking (Zhong et al. 2017) of the distances; max_rank:
+  # the CMC curve's length.
   config.eval.flip_average = False
   config.eval.rerank = False
   config.eval.max_rank = 50
@@ -266,8 +257,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.missing = "none"
   config.eval.missing_in = "both"
   # Beyond the paper: a flare of facenet_jax/flare_render.py's family (not
-  # synthetic_flare's, and not seen in training unless restore.copies > 0)
-  # rendered onto the RGB and NI images of the "query", the "gallery" or
+  # synthetic_flare's, and not seen in training) rendered onto the RGB and
+  # NI images of the "query", the "gallery" or
   # "both" at evaluation, keyed by rendered_flare_seed and each image's
   # index: ranking under flare the model was not trained on. Its results go
   # to eval_results_rendered-flare-<side>.json. "none" (default): as is.

@@ -22,13 +22,9 @@ def apply_paper_reading(config):
   config.model.mask_stage = 0
   config.model.fce_projection = False
   config.model.fce_clean = "enhanced"
-  config.model.fce_inference_mask = "hard"
-  config.model.fce_fill = "ti"
-  config.model.fce_guide_gradient = True
   config.model.fce_mask_gradient = True
   config.loss.flare_pixel_weight = 0.0
   config.loss.fce_consistency_weight = 0.0
-  config.loss.fce_raw_weight = 0.0
   config.loss.modality = "ic"
   config.model.fusion = "concat"
   return config

@@ -12,9 +12,11 @@ A run's workdir holds:
 The data order is a pure function of (seed, step), so the step is all the
 input pipeline needs to resume exactly where an interrupted run stopped.
 
-A new run can also be warm-started from another run's checkpoint
-(`read_variables` + `copy_matching`): only params and batch_stats are read,
-without building the source's model.
+A config.json written by an older version is read in today's fields:
+fields added since are filled with the values that reproduce it
+(ADDED_FIELDS), and fields retired since are dropped where the run used the
+value now built in (RETIRED). Another run's checkpoint is read for a warm
+start by facenet_jax/warm_start.py.
 """
 
 import dataclasses
@@ -22,12 +24,11 @@ import importlib.metadata
 import json
 import os
 import platform
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional
 
 from absl import logging
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from facenet_jax.models import backbones
@@ -50,10 +51,7 @@ RESUMABLE_FIELDS = ("num_epochs", "num_train_steps", "log_every_steps",
                     "data_dir", "manual_dir", "eval_batch_size",
                     # How the input is fed (cache, prefetch), not what it is.
                     "input",
-                    # Which mask FCE pastes with at evaluation: no state.
-                    "model.fce_inference_mask",
-                    # The training-free fusions' settings: no state (a
-                    # change to or from the learned "gate" is refused).
+                    # How retrieval compares features: no state.
                     "model.fusion", "model.fusion_weight",
                     "model.fusion_full_ratio")
 
@@ -69,12 +67,10 @@ ADDED_FIELDS = {"preprocess": {"clahe": False, "clahe_clip_limit": 0.01},
                 # Runs from before the mask-supervising SMP used its first
                 # reading, a separate SMP head, and nothing beyond the paper.
                 "model": {"init_from": "", "smp": "head",
-                          "smp_pooling": "topk", "smp_topk_fraction": 0.25,
+                          "smp_topk_fraction": 0.25,
                           "mask_detach": False, "mask_stage": 0,
                           "fce_projection": False,
                           "fce_clean": "enhanced",
-                          "fce_inference_mask": "hard", "fce_fill": "ti",
-                          "fce_guide_gradient": True,
                           "fce_mask_gradient": True,
                           # Before the ViT streams (ResNets ignore these).
                           "drop_path": 0.0, "camera_embedding": False,
@@ -85,24 +81,93 @@ ADDED_FIELDS = {"preprocess": {"clahe": False, "clahe_clip_limit": 0.01},
                 "optimizer": {"name": "adam", "momentum": 0.9,
                               "warmup_factor": 0.0, "min_lr_factor": 0.0},
                 "loss": {"flare_pixel_weight": 0.0,
-                         "fce_consistency_weight": 0.0,
-                         "fce_raw_weight": 0.0,
-                         "fusion_triplet_weight": 1.0},
+                         "fce_consistency_weight": 0.0},
                 "input": {"cache": "auto", "cache_max_gb": 4.0,
                           "device_prefetch": 2, "threads": -1},
-                # Before restoration training (beyond the paper; off).
-                "restore": {"copies": 0, "weight": 1.0},
                 "val_ids": 0}
 
+# The last commit with the code of the switches that lost on the validation
+# split and were retired (docs/results.md names each study's numbers):
+# check it out to rerun those studies or to use a run trained with one on.
+RETIRED_COMMIT = "f5a0e73"
 
-def _with_added_fields(saved: dict) -> dict:
+
+@dataclasses.dataclass(frozen=True)
+class Retired:
+  """A config field (or some values of one) retired after it lost on val.
+
+  Attributes:
+    field: the dotted config field.
+    builds_today: (saved value, the saved config flattened) -> whether the
+      run is what the code now builds: the value now built in, or one that
+      had no effect in that run.
+    kept: the field itself stays in the config (only values are retired).
+  """
+  field: str
+  builds_today: Callable[[Any, dict], bool]
+  kept: bool = False
+
+
+RETIRED = (
+    Retired("model.fce_inference_mask", lambda v, c: v == "hard"),
+    Retired("model.fce_fill",
+            lambda v, c: v == "ti" or not c.get("model.use_fce")),
+    Retired("model.fce_guide_gradient",
+            lambda v, c: v is True or not c.get("model.use_fce")),
+    Retired("model.smp_pooling",
+            lambda v, c: v == "topk" or c.get("model.smp") != "mask"
+            or not c.get("model.use_mfmp")),
+    Retired("loss.fce_raw_weight",
+            lambda v, c: v == 0 or not c.get("model.use_fce")),
+    Retired("loss.fusion_triplet_weight",
+            lambda v, c: v == 0 or c.get("model.fusion", "concat") == "concat"),
+    Retired("restore.copies", lambda v, c: v == 0),
+    # Without copies (checked above) the weight weighed nothing.
+    Retired("restore.weight", lambda v, c: True),
+    Retired("model.fusion", lambda v, c: v != "gate", kept=True),
+)
+
+
+class RetiredSwitchError(ValueError):
+  """A saved run was trained with a switch that has since been retired."""
+
+
+def _as_current(saved: dict, path: str) -> dict:
+  """A saved config.json in today's fields: added ones filled, retired gone.
+
+  Raises:
+    RetiredSwitchError: naming each retired field the run set to a value
+      the code no longer builds, and the commit that still has its code.
+  """
   out = dict(saved)
   for key, default in ADDED_FIELDS.items():
     if isinstance(default, dict):
       out[key] = {**default, **saved.get(key, {})}
     else:
       out.setdefault(key, default)
+  flat = flatten_config(out)
+  refused = [f"{r.field}={flat[r.field]!r}" for r in RETIRED
+             if r.field in flat and not r.builds_today(flat[r.field], flat)]
+  if refused:
+    raise RetiredSwitchError(
+        f"{path} sets {', '.join(refused)}: retired after losing on the "
+        "validation split (docs/results.md). Commit "
+        f"{RETIRED_COMMIT} has the code that trains and evaluates it: "
+        f"`git checkout {RETIRED_COMMIT}` to use this run.")
+  for r in RETIRED:
+    section, _, name = r.field.rpartition(".")
+    if not r.kept and name in out.get(section, {}):
+      out[section] = {k: v for k, v in out[section].items() if k != name}
+      if not out[section]:
+        del out[section]
   return out
+
+
+def _read_saved_config(workdir: str) -> dict:
+  """WORKDIR/config.json in today's fields (_as_current)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path) as f:
+    return _as_current(json.load(f), path)
 
 
 def split_file(name: str, split: str) -> str:
@@ -169,18 +234,13 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
       with open(path, "w") as f:
         json.dump(current, f, indent=2, sort_keys=True)
     return
-  with open(path) as f:
-    saved = _with_added_fields(json.load(f))
+  saved = _read_saved_config(workdir)
   ignored = tuple(ignore)
   saved_flat = _spelled_out(flatten_config(saved))
   current_flat = _spelled_out(flatten_config(current))
   diffs = []
   for key in sorted(set(saved_flat) | set(current_flat)):
-    # The learned fusion has parameters: only the training-free fusions
-    # may stand in for each other.
-    gate = key == "model.fusion" and "gate" in (saved_flat.get(key),
-                                                current_flat.get(key))
-    if (key in ignored or key.split(".")[0] in ignored) and not gate:
+    if key in ignored or key.split(".")[0] in ignored:
       continue
     if saved_flat.get(key, "<absent>") != current_flat.get(key, "<absent>"):
       diffs.append(f"  {key}: saved {saved_flat.get(key, '<absent>')!r}, "
@@ -292,9 +352,7 @@ def load_config(workdir: str,
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: {workdir} is not a run "
                             "directory written by scripts/main.py")
-  with open(path) as f:
-    saved = _with_added_fields(json.load(f))
-  config = ml_collections.ConfigDict(_tuples(saved))
+  config = ml_collections.ConfigDict(_tuples(_read_saved_config(workdir)))
   if recorded_fusion:
     apply_recorded_fusion(config, workdir)
   return config
@@ -320,17 +378,15 @@ def apply_recorded_fusion(config: ml_collections.ConfigDict,
   """Sets config.model's fusion to the run's recorded choice, in place.
 
   Only where config.model's fusion is still the one the run was trained with
-  (config.json): a fusion the caller set differently is kept. A learned
-  fusion ("gate") is never replaced.
+  (config.json): a fusion the caller set differently is kept.
 
   Returns:
     The choice applied, or None.
   """
   choice = read_recorded_fusion(workdir)
-  if choice is None or config.model.fusion == "gate":
+  if choice is None:
     return None
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    trained = _with_added_fields(json.load(f))["model"]
+  trained = _read_saved_config(workdir)["model"]
   if any(config.model[k] != trained[k] for k in FUSION_FIELDS):
     return None
   with config.unlocked():
@@ -442,241 +498,3 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
-
-
-# --- Warm start ---------------------------------------------------------------
-
-# The collections a warm start reads; the optimizer state always starts afresh.
-WARM_START_COLLECTIONS = ("params", "batch_stats")
-# How many names of each kind a warm-start message lists.
-_MAX_LISTED = 20
-# ... and per stream module when the streams differ from the source's.
-_MAX_LISTED_PER_MODULE = 5
-
-ShapeMismatch = tuple[str, tuple[int, ...], tuple[int, ...]]
-
-
-class WarmStartError(CheckpointMismatchError):
-  """A warm-start source has no usable checkpoint, or does not fit the model."""
-
-
-def read_variables(workdir: str,
-                   step: Optional[int] = None) -> tuple[int, dict]:
-  """Params and batch_stats of a run's checkpoint, as NumPy arrays.
-
-  Needs no model: the tree (names, shapes, dtypes) comes from the checkpoint's
-  metadata, so a run of any configuration can be read. The optimizer state is
-  not read. Every process reads the whole arrays to host memory (like an
-  ImageNet weight file); nothing is placed on devices.
-
-  Args:
-    workdir: the source run's directory (the one holding checkpoints/).
-    step: which checkpoint; None = the latest.
-
-  Returns:
-    (the step read, {"params": ..., "batch_stats": ...}) as nested dicts of
-    np.ndarray.
-
-  Raises:
-    FileNotFoundError: the workdir holds no checkpoint, or not that step (the
-      message lists the available ones).
-    WarmStartError: the checkpoint is not a training state (no params or
-      batch_stats).
-  """
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"No checkpoints in {workdir}: {directory} does "
-                            "not exist")
-  # Read-only: the source belongs to another run, so nothing here may create,
-  # clean up or delete files in it. The plain PyTree handler restores part of
-  # the tree (partial_restore, orbax-checkpoint >= 0.11.14); StandardRestore
-  # would also read the optimizer state.
-  manager = ocp.CheckpointManager(
-      directory, item_handlers=ocp.PyTreeCheckpointHandler(),
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                           save_interval_steps=0))
-  try:
-    steps = sorted(manager.all_steps())
-    if not steps:
-      raise FileNotFoundError(f"No checkpoints in {directory}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-      raise FileNotFoundError(f"No checkpoint for step {step} in {directory}; "
-                              f"available steps: {steps}")
-    tree = manager.item_metadata(step).tree
-    missing = [c for c in WARM_START_COLLECTIONS if c not in tree]
-    if missing:
-      raise WarmStartError(f"{directory}/{step} holds no {missing} (has "
-                           f"{sorted(tree)}): not a training checkpoint")
-    target = {c: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-                              tree[c])
-              for c in WARM_START_COLLECTIONS}
-    restore_args = jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    logging.info("Reading params and batch_stats of step %d from %s", step,
-                 directory)
-    variables = manager.restore(
-        step, args=ocp.args.PyTreeRestore(item=target,
-                                          restore_args=restore_args,
-                                          partial_restore=True))
-  finally:
-    manager.close()
-  return step, {c: variables[c] for c in WARM_START_COLLECTIONS}
-
-
-@dataclasses.dataclass(frozen=True)
-class WarmStartReport:
-  """What `copy_matching` copied into the new model's variables.
-
-  Names are "collection/module/.../leaf", e.g.
-  "params/rgb_backbone/conv1/kernel".
-
-  Attributes:
-    copied: the new model's leaves that now hold the source's values.
-    kept: the new model's leaves left at their initialisation (absent from
-      the source, or of another shape there).
-    shape_mismatches: (name, shape here, shape in the source) of the kept
-      leaves whose name the source has.
-    unused: names in the source that the new model does not have.
-    num_copied_params: parameter values (params collection) copied.
-    num_params: parameter values of the new model.
-  """
-  copied: tuple[str, ...]
-  kept: tuple[str, ...]
-  shape_mismatches: tuple[ShapeMismatch, ...]
-  unused: tuple[str, ...]
-  num_copied_params: int
-  num_params: int
-
-  def kept_by_module(self) -> dict[str, int]:
-    """Number of kept leaves per top-level module (both collections)."""
-    return _count_by_module(self.kept)
-
-  def summary(self) -> str:
-    """One line for the log: counts, then the kept leaves per module."""
-    line = (f"copied {len(self.copied)} of {len(self.copied) + len(self.kept)}"
-            f" leaves ({self.num_copied_params:,} of {self.num_params:,} "
-            "parameters)")
-    if self.kept:
-      other_shape = _count_by_module(name for name, _, _ in
-                                     self.shape_mismatches)
-      modules = []
-      for module, count in sorted(self.kept_by_module().items()):
-        note = (f" ({other_shape[module]} of another shape in the source)"
-                if module in other_shape else "")
-        modules.append(f"{module}: {count}{note}")
-      line += "; leaves kept at their initialisation: " + ", ".join(modules)
-    if self.unused:
-      line += f"; {len(self.unused)} source leaves unused"
-    return line
-
-
-def _module(name: str) -> str:
-  """The top-level module of "collection/module/.../leaf"."""
-  return name.split("/")[1] if "/" in name else name
-
-
-def _count_by_module(names: Iterable[str]) -> dict[str, int]:
-  counts = {}
-  for name in names:
-    counts[_module(name)] = counts.get(_module(name), 0) + 1
-  return counts
-
-
-def _name(path: tuple[Any, ...]) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
-def _leaves_by_name(tree: Any) -> dict[str, Any]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {_name(path): leaf for path, leaf in flat}
-
-
-def _listed(title: str, items: Sequence[str], limit: int = _MAX_LISTED,
-            indent: str = "  ") -> list[str]:
-  """A titled, indented listing of at most `limit` items (params first)."""
-  if not items:
-    return []
-  items = sorted(items, key=lambda item: (not item.startswith("params/"),
-                                          item))
-  shown = [f"{indent}  {item}" for item in items[:limit]]
-  if len(items) > limit:
-    shown.append(f"{indent}  ... and {len(items) - limit} more")
-  return [f"{indent}{title} ({len(items)}):"] + shown
-
-
-def _mismatch_lines(mismatches: Iterable[ShapeMismatch],
-                    limit: int = _MAX_LISTED,
-                    indent: str = "  ") -> list[str]:
-  return _listed("same name, other shape (here vs source)",
-                 [f"{name}: {here} vs {there}"
-                  for name, here, there in mismatches], limit, indent)
-
-
-def copy_matching(variables: Mapping[str, Any], source: Mapping[str, Any],
-                  exact: Sequence[str] = ()) -> tuple[Any, WarmStartReport]:
-  """Copies every source leaf whose full name and shape match a leaf here.
-
-  Args:
-    variables: the new model's {"params": ..., "batch_stats": ...}, host
-      arrays; its tree structure is kept exactly.
-    source: the same collections of another run (`read_variables`).
-    exact: top-level modules (e.g. the stream backbones) that the source must
-      hold with exactly the same names and shapes: a partial copy of those
-      would silently mix a source network with a random one.
-
-  Returns:
-    (variables with the matching leaves replaced by the source's, cast to the
-    dtype here; the report). Leaves not copied are the same objects as before.
-
-  Raises:
-    WarmStartError: nothing matches at all, or a module in `exact` differs
-      (listing the differing names and shapes).
-  """
-  here = _leaves_by_name(variables)
-  there = _leaves_by_name(source)
-  mismatches = tuple(
-      (name, tuple(np.shape(value)), tuple(np.shape(there[name])))
-      for name, value in sorted(here.items())
-      if name in there and np.shape(value) != np.shape(there[name]))
-  mismatched = {name for name, _, _ in mismatches}
-  copied = {name for name in here if name in there and name not in mismatched}
-  if not copied:
-    raise WarmStartError("\n".join(
-        ["No variable of the source matches one of the model by name and "
-         f"shape (the model has {len(here)}, the source {len(there)}); is "
-         "it a run of this project?"] + _mismatch_lines(mismatches)))
-  problems = []
-  for module in exact:
-    lines = (
-        _mismatch_lines([m for m in mismatches if _module(m[0]) == module],
-                        _MAX_LISTED_PER_MODULE, "    ") +
-        _listed("missing in the source",
-                [n for n in here if _module(n) == module and n not in there],
-                _MAX_LISTED_PER_MODULE, "    ") +
-        _listed("only in the source",
-                [n for n in there if _module(n) == module and n not in here],
-                _MAX_LISTED_PER_MODULE, "    "))
-    if lines:
-      problems += [f"  {module}:"] + lines
-  if problems:
-    raise WarmStartError("\n".join(
-        [f"The source's {', '.join(exact)} must match the model's exactly "
-         "(same backbone depth and width):"] + problems))
-
-  def take(path: tuple[Any, ...], value: Any) -> Any:
-    name = _name(path)
-    if name not in copied:
-      return value
-    return np.asarray(there[name], dtype=np.asarray(value).dtype)
-
-  def num_params(names: Iterable[str]) -> int:
-    return sum(int(np.size(here[n])) for n in names
-               if n.startswith("params/"))
-
-  report = WarmStartReport(
-      copied=tuple(sorted(copied)), kept=tuple(sorted(set(here) - copied)),
-      shape_mismatches=mismatches,
-      unused=tuple(sorted(set(there) - set(here))),
-      num_copied_params=num_params(copied), num_params=num_params(here))
-  return jax.tree_util.tree_map_with_path(take, variables), report

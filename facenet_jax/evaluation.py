@@ -26,6 +26,9 @@ Ties in distance are broken by gallery index (as a stable sort would), so
 results are deterministic and independent of the sorting algorithm.
 
 `pairwise_distance` computes the distances with JAX on the default device.
+
+One file, though long: the distances and the metrics are the one ranking
+path that evaluation, pictures and the fusion study all call.
 """
 
 import concurrent.futures

@@ -62,31 +62,9 @@ VARIANTS.update({"vit_baseline": {**VARIANTS["baseline"], **_VIT},
 _WARM = {"model.init_from": "@baseline"}
 VARIANTS.update({f"{v}_ws": {**VARIANTS[v], **_WARM}
                  for v in ("baseline", "mfmp_fce", "facenet")})
-# Restoration training (beyond the paper, `config.restore`): 8 flared copies
-# of flare-free triplets per batch of 32, each pulled onto its clean source.
-# The baseline gets the same copies and loss, so that what FACENet gains
-# over it is the mechanism's and not the extra flare images'.
-_RESTORE = {"restore.copies": 8}
-VARIANTS.update({f"{v}_restore": {**VARIANTS[v], **_RESTORE}
-                 for v in ("baseline", "mfmp_fce", "baseline_ws")})
-# Masks that find the flare (the mask branch reads stage 1, docs/results.md)
-# with FCE trained to restore, warm-started like the baseline above.
-VARIANTS["mfmp_fce_ms1_ws_restore"] = {**VARIANTS["mfmp_fce_ws"], **_RESTORE,
-                                       "model.mask_stage": 1}
-# The same masks without restoration or warm start (the third study's runs;
-# in no table, for scripts/diagnose_study.py).
+# Masks that find the flare (the mask branch reads stage 1; the third
+# study's runs, in no table, for scripts/diagnose_study.py).
 VARIANTS["mfmp_fce_ms1"] = {**_MFMP_FCE, "model.mask_stage": 1}
-# The flare-aware fusion (beyond the paper, facenet_jax/fusion.py), learned
-# or the saturation weights (w 0.5 at a saturated fraction of 0.4), each
-# trained with the triplet on its distance.
-_FUSED_TRIPLET = {"loss.fusion_triplet_weight": 1.0}
-VARIANTS.update({f"{v}_gate": {**VARIANTS[v], "model.fusion": "gate",
-                               **_FUSED_TRIPLET}
-                 for v in ("baseline", "mfmp_fce")})
-VARIANTS["baseline_sat"] = {**VARIANTS["baseline"],
-                            "model.fusion": "saturation",
-                            "model.fusion_weight": 0.5,
-                            "model.fusion_full_ratio": 0.4, **_FUSED_TRIPLET}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,25 +120,6 @@ TABLES: dict[int, Table] = {
         ("+ MFMP + FCE, warm-started", "mfmp_fce_ws", None),
         ("FACENet", "facenet", _PAPER_FACENET),
         ("FACENet, warm-started", "facenet_ws", None),
-    )),
-    10: Table(10, "Restoration training on rendered flare (beyond the paper)", (
-        _BASELINE,
-        ("Baseline + restoration", "baseline_restore", None),
-        ("+ MFMP + FCE", "mfmp_fce", _PAPER_MFMP_FCE),
-        ("+ MFMP + FCE + restoration", "mfmp_fce_restore", None),
-        ("Baseline, warm-started", "baseline_ws", None),
-        ("Baseline, warm-started + restoration", "baseline_ws_restore", None),
-        ("+ MFMP (stage-1 masks) + FCE, warm-started + restoration",
-         "mfmp_fce_ms1_ws_restore", None),
-    )),
-    # Not in the paper: the trained streams as the model ranks them; the
-    # training-free fusions of each run are swept by scripts/fusion.py.
-    11: Table(11, "Flare-aware fusion (beyond the paper)", (
-        _BASELINE,
-        ("Baseline, learned fusion gate", "baseline_gate", None),
-        ("Baseline, saturation fusion", "baseline_sat", None),
-        ("+ MFMP + FCE", "mfmp_fce", _PAPER_MFMP_FCE),
-        ("+ MFMP + FCE, learned fusion gate", "mfmp_fce_gate", None),
     )),
 }
 # Config fields a study run may not change between invocations: unlike a

@@ -4,7 +4,7 @@
       --output facenet.onnx
 
 The exported function is the eval-mode network of `inference.Embedder` (the
-same `train.embed_step`, flip averaging included when the run used it), with
+same `steps.embed_step`, flip averaging included when the run used it), with
 the checkpoint's weights baked in as constants:
 
   inputs   rgb, ni, ti  float32 (B, H, W, 3), resized and normalised
@@ -39,7 +39,7 @@ import numpy as np
 
 from facenet_jax import checkpointing
 from facenet_jax import inference
-from facenet_jax import train
+from facenet_jax.train import steps
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 
 FORMATS = ("onnx", "stablehlo")
@@ -125,7 +125,7 @@ def embedding_fn(embedder: inference.Embedder) -> Callable[..., tuple]:
             flare: jax.Array, flare_ratio: jax.Array) -> tuple:
     batch = dict(zip(MODALITIES, (rgb, ni, ti)), flare=flare,
                  flare_ratio=flare_ratio)
-    embedding, weights = train.embed_step(variables, batch, model=model,
+    embedding, weights = steps.embed_step(variables, batch, model=model,
                                           flip_average=flip_average)
     # An input the fusion does not read still reaches the graph (as a zero
     # contribution), so that every export has the same five inputs.

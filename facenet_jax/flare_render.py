@@ -1,17 +1,15 @@
-"""Flare rendered onto training images inside the step (beyond the paper).
+"""A flare rendered onto RGB and NI images at evaluation (beyond the paper).
 
-Restoration training (`config.restore`, docs/model.md) pairs some flare-free
-training triplets with a copy whose RGB and NI images get a rendered flare
-(TI never: thermal cameras do not see it), and teaches the network that the
-copy is the same vehicle as its clean source. The flare here is drawn from a
-family of its own, deliberately unlike synthetic_flare's generator
+`config.eval.rendered_flare` renders it onto the query or gallery images, to
+rank under a flare that no model was trained on (TI never gets one: thermal
+cameras do not see it). The flare is drawn from a family of its own,
+deliberately unlike synthetic_flare's generator
 (input_pipeline/datasets/synthetic_render.py: headlamp cores with halos and
 streaks, sun discs with rays and ghosts): one or two rotated anisotropic
 super-Gaussian blobs with flat saturated cores, a random tint, a faint veil
-over the frame and independent RGB / NI gains. A method trained against
-these is not trained against the evaluation's flare. The same family is
-what `config.eval.rendered_flare` renders onto evaluation images, to rank
-under a flare that a model not trained with restoration has never seen.
+over the frame and independent RGB / NI gains. (Restoration training, which
+rendered it onto training copies, lost on the validation split and was
+retired: docs/results.md.)
 
 Everything is a pure function of a key, jittable, on raw images in [0, 1]
 (NHWC, 3 channels; NI is stored as three equal channels).

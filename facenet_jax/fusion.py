@@ -24,15 +24,14 @@ Weights (`stream_weights`), from the evidence an image carries at inference:
   fixed       w = weight where the pseudo-label delta_S is 1, else 1;
   saturation  w = 1 - (1 - weight) * min(1, ratio_S / full_ratio): falls
               linearly with the saturated fraction of the raw image (no hard
-              threshold) and reaches `weight` at `full_ratio`;
-  gate        a learned logistic gate (ReliabilityGate) over the saturated
-              fraction, delta and, with MFMP, the predicted mask coverage,
-              trained with a triplet loss on this distance.
+              threshold) and reaches `weight` at `full_ratio`.
+A learned gate over the same evidence, trained by a triplet on this distance,
+did not beat the fixed rule on the validation split and was retired
+(docs/results.md).
 """
 
 from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,11 +40,10 @@ from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 
 Array = jax.Array
 
-# "concat" is the paper's; the others are beyond it.
-FUSIONS = ("concat", "fixed", "saturation", "gate")
-# Fusions whose weights come from fixed parameters (no state): a finished run
-# can be evaluated with any of them (scripts/fusion.py sweeps them on val).
-TRAINING_FREE = ("concat", "fixed", "saturation")
+# "concat" is the paper's; the others are beyond it. None has parameters:
+# a finished run can be ranked with any of them (scripts/fusion.py sweeps
+# them on val).
+FUSIONS = ("concat", "fixed", "saturation")
 _EPS = 1e-12
 
 
@@ -75,10 +73,10 @@ def normalized_segments(embedding: Array, num_streams: int = len(MODALITIES)
 
 def stream_weights(fusion: str, flare: Array, flare_ratio: Optional[Array],
                    weight: float = 0.5, full_ratio: float = 0.2) -> Array:
-  """(B, M) reliability weights of the training-free fusions.
+  """(B, M) reliability weights of a fusion.
 
   Args:
-    fusion: one of TRAINING_FREE.
+    fusion: one of FUSIONS.
     flare: (B, 2) pseudo-labels delta of [RGB, NI] in {0, 1}.
     flare_ratio: (B, 2) saturated fraction of the raw [RGB, NI] images in
       [0, 1]; read by "saturation" only.
@@ -100,7 +98,7 @@ def stream_weights(fusion: str, flare: Array, flare_ratio: Optional[Array],
                        "saturated fractions (flare_ratio)")
     drop = jnp.clip(jnp.asarray(flare_ratio, jnp.float32) / full_ratio, 0, 1)
   else:
-    raise ValueError(f"stream_weights takes {TRAINING_FREE}, got {fusion!r}")
+    raise ValueError(f"model.fusion must be one of {FUSIONS}, got {fusion!r}")
   return with_guide(1.0 - (1.0 - weight) * drop)
 
 
@@ -109,33 +107,6 @@ def with_guide(flare_weights: Array) -> Array:
   columns = {m: flare_weights[:, i] for i, m in enumerate(FLARE_MODALITIES)}
   ones = jnp.ones(flare_weights.shape[:1], flare_weights.dtype)
   return jnp.stack([columns.get(m, ones) for m in MODALITIES], axis=-1)
-
-
-class ReliabilityGate(nn.Module):
-  """A learned weight per flare stream: w_S = sigmoid(scale * (b_S + a_S . e_S)).
-
-  e_S is the stream's evidence (saturated fraction, delta, and mask coverage
-  where MFMP predicts masks), read through a stop-gradient: the gate learns
-  how much to trust a stream from it, without changing it. The logit is
-  `scale` times the parameters so that Adam, whose steps are about the
-  learning rate, can move the weight within a short run; b starts where the
-  weight is about 0.95 and a at 0, so an untrained gate is nearly "concat".
-  """
-  scale: float = 10.0
-  init_weight: float = 0.95
-
-  @nn.compact
-  def __call__(self, evidence: Array) -> Array:
-    """evidence: (B, 2, E) per [RGB, NI] -> (B, M) weights in MODALITIES order."""
-    evidence = jax.lax.stop_gradient(evidence.astype(jnp.float32))
-    num_flare, num_evidence = evidence.shape[1:]
-    logit0 = float(np.log(self.init_weight / (1.0 - self.init_weight)))
-    bias = self.param("bias", nn.initializers.constant(logit0 / self.scale),
-                      (num_flare,))
-    slope = self.param("slope", nn.initializers.zeros,
-                       (num_flare, num_evidence))
-    logits = self.scale * (bias + jnp.sum(slope * evidence, axis=-1))
-    return with_guide(nn.sigmoid(logits))
 
 
 def fused_squared_distances(query: Array, query_weights: Array,

@@ -24,7 +24,10 @@ import numpy as np
 from facenet_jax import checkpointing
 from facenet_jax import console as console_lib
 from facenet_jax import fusion
-from facenet_jax import train
+from facenet_jax.train import evaluate
+from facenet_jax.train import extract
+from facenet_jax.train import feed
+from facenet_jax.train import train_state
 
 SUBSETS = ("all", "flare", "clean")
 CRITERION = "all-query mAP"
@@ -53,8 +56,6 @@ CANDIDATES = (
 # configs/default.py's fusion, the candidate that held across glare strengths
 # on val (docs/results.md): ranked on test beside concat and a run's choice.
 DEFAULT = Candidate("saturation, w 0.5 at 0.4", "saturation", 0.5, 0.4)
-# The row of a run's own learned fusion ("gate"), beside the candidates.
-LEARNED_LABEL = "gate (learned)"
 
 
 def _metrics(results: dict) -> dict:
@@ -73,70 +74,58 @@ def embed_run(config: ml_collections.ConfigDict, workdir: str,
   The concat model's embedding serves every candidate: per-segment
   normalisation does not see the whole vector's scale, so
   fusion.normalized_segments of it is the flare-aware fusions' embedding.
-  A run with a learned gate is embedded a second time, for its weights.
 
   Returns:
-    {"query", "gallery": extract(...) of the concat model, with "learned"
-    (the gate's extraction) where the run has a gate}.
+    {"query", "gallery": extract(...) of the concat model}.
   """
-  model, state, sharding = train.restore_for_eval(config, workdir)
+  model, state, sharding = train_state.restore_for_eval(config, workdir)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  query_split, gallery_split = train.eval_splits(config)
-  rendered = train.rendered_flare_side(config)
-  models = {"concat": model.clone(fusion="concat")}
-  if model.fusion == "gate":
-    models["learned"] = model
-  out = {}
-  for part, split in (("query", query_split), ("gallery", gallery_split)):
-    render = rendered in (part, "both")
-    out[part] = {kind: train.extract(config, m, variables, split, sharding,
-                                     console=console, render=render)
-                 for kind, m in models.items()}
-  return out
+  query_split, gallery_split = feed.eval_splits(config)
+  rendered = extract.rendered_flare_side(config)
+  concat = model.clone(fusion="concat")
+  return {part: extract.extract(config, concat, variables, split, sharding,
+                                console=console,
+                                render=rendered in (part, "both"))
+          for part, split in (("query", query_split),
+                              ("gallery", gallery_split))}
 
 
 def sweep(config: ml_collections.ConfigDict, embedded: dict,
           candidates: Sequence[Candidate] = CANDIDATES) -> list[dict]:
-  """Ranks with every candidate (and a learned gate): one row each.
+  """Ranks with every candidate: one row each.
 
   Returns:
     Rows {"label", the Candidate's fields, "mAP": {subset: %}}, in
-    `candidates` order, then the learned gate's row where the run has one.
+    `candidates` order.
   """
   rows = []
   query, gallery = embedded["query"], embedded["gallery"]
-  fused = [{**x["concat"], "embedding": np.asarray(
-      fusion.normalized_segments(x["concat"]["embedding"]))}
+  fused = [{**x, "embedding": np.asarray(
+      fusion.normalized_segments(x["embedding"]))}
            for x in (query, gallery)]
   for candidate in candidates:
     if candidate.fusion == "concat":
-      q, g = query["concat"], gallery["concat"]
+      q, g = query, gallery
     else:
       q, g = ({**x, "weights": np.asarray(fusion.stream_weights(
           candidate.fusion, x["flare_input"], x["flare_ratio_input"],
           candidate.fusion_weight, candidate.fusion_full_ratio))}
               for x in fused)
     rows.append({"label": candidate.label, **candidate.fields(),
-                 "mAP": _metrics(train.rank(config, q, g))})
-  if "learned" in query:
-    rows.append({"label": LEARNED_LABEL, "fusion": "gate",
-                 "fusion_weight": None, "fusion_full_ratio": None,
-                 "mAP": _metrics(train.rank(config, query["learned"],
-                                            gallery["learned"]))})
+                 "mAP": _metrics(evaluate.rank(config, q, g))})
   return rows
 
 
 def choose(rows: Sequence[dict]) -> dict:
-  """The training-free row of best all-query mAP (first of equals)."""
-  free = [r for r in rows if r["fusion"] in fusion.TRAINING_FREE]
-  return max(free, key=lambda r: (round(r["mAP"]["all"], 6),
-                                  -free.index(r)))
+  """The row of best all-query mAP (first of equals)."""
+  return max(rows, key=lambda r: (round(r["mAP"]["all"], 6),
+                                  -list(rows).index(r)))
 
 
 def sweep_file(config: ml_collections.ConfigDict) -> str:
   """fusion_sweep_<split>[_rendered-flare-<side>].json."""
   name = "fusion_sweep.json"
-  rendered = train.rendered_flare_side(config)
+  rendered = extract.rendered_flare_side(config)
   if rendered != "none":
     name = f"fusion_sweep_rendered-flare-{rendered}.json"
   return checkpointing.split_file(name, config.eval.split)
@@ -153,7 +142,7 @@ def record(workdir: str, config: ml_collections.ConfigDict,
     json.dump({"criterion": CRITERION, "rows": list(rows),
                "choice": choice}, f, indent=2)
   if (choice is not None and config.eval.split == "val" and
-      train.rendered_flare_side(config) == "none"):
+      extract.rendered_flare_side(config) == "none"):
     path = os.path.join(workdir, checkpointing.FUSION_FILE)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -165,7 +154,7 @@ def record(workdir: str, config: ml_collections.ConfigDict,
 
 def evaluate_choice(config: ml_collections.ConfigDict, embedded: dict,
                     workdir: str) -> list[dict]:
-  """Rows of concat, DEFAULT, the run's recorded val choice and its gate.
+  """Rows of concat, DEFAULT and the run's recorded val choice.
 
   For the test split: only what was chosen on val is ranked.
   """

@@ -28,7 +28,8 @@ import ml_collections
 import numpy as np
 
 from facenet_jax import checkpointing
-from facenet_jax import train
+from facenet_jax.train import steps
+from facenet_jax.train import train_state
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 from facenet_jax.models import FACENet
 
@@ -55,7 +56,7 @@ class Embedder:
     self.variables = variables
     self.config = config
     self.batch_size = batch_size
-    self._embed = jax.jit(lambda v, b: train.embed_step(
+    self._embed = jax.jit(lambda v, b: steps.embed_step(
         v, b, model=model, flip_average=config.eval.flip_average))
 
   @classmethod
@@ -63,7 +64,7 @@ class Embedder:
                    batch_size: int = 64) -> "Embedder":
     """Loads the run's config and its latest (or `step`) checkpoint."""
     config = checkpointing.load_config(workdir)
-    model, state, _ = train.restore_for_eval(config, workdir, step)
+    model, state, _ = train_state.restore_for_eval(config, workdir, step)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return cls(model, variables, config, batch_size)
 

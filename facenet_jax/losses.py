@@ -23,7 +23,6 @@ from typing import Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from facenet_jax import fusion
 from facenet_jax.constants import FLARE_MODALITIES, GUIDE_MODALITY, MODALITIES
 
 Array = jax.Array
@@ -176,21 +175,6 @@ def triplet_from_distances(distances: Array, labels: Array,
   return _masked_mean(per_anchor, has_positive & has_negative)
 
 
-def fused_triplet(embedding: Array, weights: Array, labels: Array,
-                  margin: float = 0.3, soft_margin: bool = False) -> Array:
-  """Batch-hard triplet on the flare-aware fusion's distance (beyond the paper).
-
-  Args:
-    embedding: (B, M * D) fused embeddings (fusion.normalized_segments).
-    weights: (B, M) segment weights; the loss reaches whatever made them
-      (the fusion's learned gate).
-    labels: (B,) int identity labels.
-    margin, soft_margin: as in batch_hard_triplet.
-  """
-  distances = fusion.fused_distances(embedding, weights, embedding, weights)
-  return triplet_from_distances(distances, labels, margin, soft_margin)
-
-
 def flare_bce(flare_logits: Array, targets: Array) -> Array:
   """Flare-classification loss L_f of one SMP head (paper eq. 1).
 
@@ -279,32 +263,6 @@ def fce_consistency(guide: Array, plug: Array, flare: Array) -> Array:
   energy = jnp.mean(jnp.square(target), axis=(1, 2, 3))
   return _masked_mean(error / jnp.maximum(energy, 1e-6),
                       _float32(flare) < 0.5)
-
-
-def restoration_loss(flared: Array, clean: Array, valid: Array) -> Array:
-  """Pulls a flared copy's stream feature onto its clean source's (beyond the paper).
-
-  Restoration training (`config.restore`) renders a flare onto copies of
-  flare-free training images; the copy's pooled stream feature is regressed
-  onto the source's (stop-gradient target), normalised by the target's
-  energy:
-    l_i = mean((f~_i - sg(f_i))^2) / mean(sg(f_i)^2),
-  averaged over the copies whose source was flare-free. What FCE pastes
-  where the mask fires is then trained to give back the feature the flare
-  took away.
-
-  Args:
-    flared: (n, D) the copies' features.
-    clean: (n, D) their sources' features.
-    valid: (n,) bool, the source was flare-free.
-
-  Returns:
-    Scalar; 0 when no copy is valid.
-  """
-  target = jax.lax.stop_gradient(_float32(clean))
-  error = jnp.mean(jnp.square(_float32(flared) - target), axis=-1)
-  energy = jnp.mean(jnp.square(target), axis=-1)
-  return _masked_mean(error / jnp.maximum(energy, 1e-6), valid)
 
 
 def ic_loss(logits_rgb: Array, logits_ni: Array) -> Array:
@@ -453,16 +411,9 @@ class LossConfig:
       against the saturation map (beyond the paper; 0 = off).
     fce_consistency_weight: weight of each flare modality's FCE consistency
       term (beyond the paper; 0 = off).
-    fce_raw_weight: weight of the CE and triplet terms of each flare
-      stream's features before FCE (the model's raw head; beyond the
-      paper; 0 = off).
     modality: modality-relation loss, one of MODALITY_LOSSES.
     modality_weight: weight of the modality-relation loss.
     modality_margin: margin of the 3M loss.
-    fusion_triplet_weight: weight of the batch-hard triplet on a flare-aware
-      fusion's distance (`fused_triplet`; beyond the paper), which trains
-      the streams under the distance they are ranked with (and a learned
-      gate); computed only when total_loss is given `fused`.
   """
   ce_weight: float = 1.0
   label_smoothing: float = 0.0
@@ -472,11 +423,9 @@ class LossConfig:
   flare_weight: float = 1.0
   flare_pixel_weight: float = 0.0
   fce_consistency_weight: float = 0.0
-  fce_raw_weight: float = 0.0
   modality: str = "ic"
   modality_weight: float = 1.0
   modality_margin: float = 0.1
-  fusion_triplet_weight: float = 1.0
 
   def __post_init__(self):
     if self.modality not in MODALITY_LOSSES:
@@ -487,8 +436,7 @@ class LossConfig:
                        f"got {self.label_smoothing}.")
     for name in ("ce_weight", "triplet_weight", "triplet_margin", "flare_weight",
                  "flare_pixel_weight", "fce_consistency_weight",
-                 "fce_raw_weight", "modality_weight", "modality_margin",
-                 "fusion_triplet_weight"):
+                 "modality_weight", "modality_margin"):
       value = getattr(self, name)
       if value < 0:
         raise ValueError(f"loss.{name} must be >= 0, got {value}.")
@@ -509,22 +457,20 @@ def _modality_loss(name: str, logits: Mapping[str, Array],
 
 
 def _identity_terms(logits: Mapping[str, Array], features: Mapping[str, Array],
-                    labels: Array, config: LossConfig, tag: str = ""
+                    labels: Array, config: LossConfig
                     ) -> tuple[dict[str, Array], Array]:
-  """Each stream's CE and batch-hard triplet, and their weighted sum.
-
-  The terms are named "ce<tag>_<stream>" and "triplet<tag>_<stream>".
-  """
+  """Each stream's CE and batch-hard triplet ("ce_<s>", "triplet_<s>"), and
+  their weighted sum."""
   terms = {}
   total = 0.0
   for stream in logits:
-    terms[f"ce{tag}_{stream}"] = cross_entropy(logits[stream], labels,
-                                               config.label_smoothing)
-    terms[f"triplet{tag}_{stream}"] = batch_hard_triplet(
+    terms[f"ce_{stream}"] = cross_entropy(logits[stream], labels,
+                                          config.label_smoothing)
+    terms[f"triplet_{stream}"] = batch_hard_triplet(
         features[stream], labels, config.triplet_margin,
         config.triplet_soft_margin)
-    total += (config.ce_weight * terms[f"ce{tag}_{stream}"] +
-              config.triplet_weight * terms[f"triplet{tag}_{stream}"])
+    total += (config.ce_weight * terms[f"ce_{stream}"] +
+              config.triplet_weight * terms[f"triplet_{stream}"])
   return terms, total
 
 
@@ -535,9 +481,6 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
                saturation: Optional[Array] = None,
                fce_guides: Optional[Mapping[str, Array]] = None,
                plug_features: Optional[Mapping[str, Array]] = None,
-               raw_logits: Optional[Mapping[str, Array]] = None,
-               raw_features: Optional[Mapping[str, Array]] = None,
-               fused: Optional[tuple[Array, Array]] = None,
                ) -> tuple[Array, dict[str, Array]]:
   """FACENet's objective (paper eq. 13) with a weight per term.
 
@@ -546,16 +489,11 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
           + flare_weight    * sum_{s in flare_logits} BCE(flare_logits[s], delta_s)
           + modality_weight * L_modality
           + flare_pixel_weight     * sum_s flare_pixel_bce(flare_maps[s], sat_s)
-          + fce_consistency_weight * sum_s fce_consistency(guide_s, f_s, delta_s)
-          + fce_raw_weight * sum_s (ce_weight * CE(raw_logits[s], labels)
-                                    + triplet_weight * triplet(raw_features[s]))
-          + fusion_triplet_weight  * fused_triplet(*fused, labels),
+          + fce_consistency_weight * sum_s fce_consistency(guide_s, f_s, delta_s),
   s over the streams in `logits` (normally "rgb", "ni", "ti"). The flare sum is
   empty for a model without MFMP. L_modality is IC on the RGB and NI logits,
-  or 3M / HC / CdC on the features, or absent for "none". The last four terms
-  go beyond the paper and are computed only when their weight is > 0 (the
-  fused triplet: when `fused` is given, by a model with a flare-aware
-  fusion).
+  or 3M / HC / CdC on the features, or absent for "none". The last two terms
+  go beyond the paper and are computed only when their weight is > 0.
 
   Args:
     logits: stream -> (B, C) classifier outputs (after the BN neck).
@@ -572,12 +510,6 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
     fce_guides: stream -> (B, h, w, C) pasted maps; needed when
       fce_consistency_weight > 0 (with plug_features, f_S before FCE).
     plug_features: stream -> (B, h, w, C).
-    raw_logits: stream -> (B, C) logits of the features before FCE (the
-      model's raw head); needed, with raw_features (B, D), when
-      fce_raw_weight > 0 and the model has FCE.
-    raw_features: stream -> (B, D).
-    fused: (fused embedding (B, M * D), segment weights (B, M)) of a
-      flare-aware fusion; None = no fused triplet.
 
   Returns:
     total: scalar, the weighted sum.
@@ -614,15 +546,6 @@ def total_loss(logits: Mapping[str, Array], features: Mapping[str, Array],
           fce_guides[stream], plug_features[stream], flare_targets[:, column])
       total += (config.fce_consistency_weight *
                 terms[f"fce_consistency_{stream}"])
-  if config.fce_raw_weight > 0 and raw_logits:
-    raw_terms, raw_total = _identity_terms(raw_logits, raw_features, labels,
-                                           config, tag="_raw")
-    terms.update(raw_terms)
-    total += config.fce_raw_weight * raw_total
-  if fused is not None and config.fusion_triplet_weight > 0:
-    terms["triplet_fused"] = fused_triplet(
-        *fused, labels, config.triplet_margin, config.triplet_soft_margin)
-    total += config.fusion_triplet_weight * terms["triplet_fused"]
   if config.modality != "none":
     name = f"modality_{config.modality}"
     terms[name] = _modality_loss(config.modality, logits, features, labels,

@@ -110,8 +110,8 @@ def with_rendered_flare(data: Mapping[str, np.ndarray], seed: int = 0,
   """`data` with a flare of flare_render's family on every RGB / NI image.
 
   The flare is not synthetic_flare's (see facenet_jax/flare_render.py), so
-  masks scored on it are scored on a flare their training never showed
-  (unless restore.copies > 0). Image i gets the flare of key
+  masks scored on it are scored on a flare their training never showed.
+  Image i gets the flare of key
   fold_in(PRNGKey(seed), i); the ground truth becomes the pixels the
   rendered flare saturated (a channel >= pixel_low where it added at least
   RENDERED_MIN_LIGHT), and flare_ratio the rendered images' share of
@@ -337,10 +337,11 @@ def score_run_sets(config, workdir: str,
   """
   # pylint: disable=g-import-not-at-top
   from facenet_jax import inference
-  from facenet_jax import train
-  model, state, _ = train.restore_for_eval(config, workdir)
-  variables = {"params": train.to_host(state.params),
-               "batch_stats": train.to_host(state.batch_stats)}
+  from facenet_jax.train import mesh
+  from facenet_jax.train import train_state
+  model, state, _ = train_state.restore_for_eval(config, workdir)
+  variables = {"params": mesh.to_host(state.params),
+               "batch_stats": mesh.to_host(state.batch_stats)}
   scores = {}
   for name, data in datasets.items():
     images = inference.preprocess({m: data[m] for m in MODALITIES}, config)

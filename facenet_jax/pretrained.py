@@ -38,6 +38,11 @@ and google-research/vision_transformer) are first renamed to timm's names
 (14 x 14 at 224 x 224) are resampled bilinearly to the input's token grid
 (16 x 8 at 256 x 128), as the official code does, and the resampling is
 logged. `vit_tokens` runs a file's ViT on images, for checks and features.
+
+One file, though long: both families share the file readers (safetensors,
+npz, PyTorch), the name-and-shape checks against the model's own tree with
+their error reports, and the merge into it; split per family, each half would
+need the other's machinery.
 """
 
 import functools

@@ -29,6 +29,9 @@ trainer evaluates; PNGs in WORKDIR/figures/:
 
 Images are shown as the model reads them before resizing: after CLAHE when
 the run used it.
+
+One file, though long: the three figures share the restored run, the
+evaluation's embeddings and ranking, and the image-drawing helpers.
 """
 
 import colorsys
@@ -48,7 +51,11 @@ from facenet_jax import checkpointing
 from facenet_jax import console as console_lib
 from facenet_jax import evaluation
 from facenet_jax import mask_quality
-from facenet_jax import train
+from facenet_jax.train import evaluate
+from facenet_jax.train import extract
+from facenet_jax.train import feed
+from facenet_jax.train import mesh
+from facenet_jax.train import train_state
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 from input_pipeline import pipeline
 
@@ -500,29 +507,29 @@ class Run:
     """
     self.config = config
     self.workdir = workdir
-    self.model, self.state, self._sharding = train.restore_for_eval(
+    self.model, self.state, self._sharding = train_state.restore_for_eval(
         config, workdir, step)
-    self.splits = train.eval_splits(config)
-    self.data = [train.split_data(config, s) for s in self.splits]
+    self.splits = feed.eval_splits(config)
+    self.data = [feed.split_data(config, s) for s in self.splits]
     self._embedded = None
 
   @property
   def step(self) -> int:
-    return int(train.to_host(self.state.step))
+    return int(mesh.to_host(self.state.step))
 
   def embedded(self, console: console_lib.Console = console_lib.SILENT
                ) -> tuple[dict, dict]:
-    """(query, gallery) of train.extract, computed at the first call.
+    """(query, gallery) of extract.extract, computed at the first call.
 
     Every process must call it (the embeddings are gathered across them).
     """
     if self._embedded is None:
       variables = {"params": self.state.params,
                    "batch_stats": self.state.batch_stats}
-      embed_fn = train.embedding_function(self.config, self.model,
+      embed_fn = extract.embedding_function(self.config, self.model,
                                           self._sharding)
       self._embedded = tuple(
-          train.extract(self.config, self.model, variables, split,
+          extract.extract(self.config, self.model, variables, split,
                         self._sharding, console=console, embed_fn=embed_fn,
                         data=data)
           for split, data in zip(self.splits, self.data))
@@ -544,7 +551,7 @@ def _rank_figures(run: Run, options: Options,
                   console: console_lib.Console) -> dict[str, bytes]:
   config = run.config
   query, gallery = run.embedded(console)
-  group = "sceneid" if config.dataset in train.MSVR_SCENE_DATASETS else "camid"
+  group = "sceneid" if config.dataset in evaluate.MSVR_SCENE_DATASETS else "camid"
   flared = np.any(query["flare"] > 0.5, axis=1)
   chosen = dict(zip(("flare", "clean"), choose_queries(
       flared, has_true_match(query, gallery, group), options)))
@@ -585,12 +592,12 @@ def _mask_figure(run: Run, options: Options,
   picked = choose_images(np.any(_flare_labels(config, both) > 0.5, axis=1),
                          options.num_masks, options.seed)
   data = pipeline.subset(both, picked)
-  mean, std = train.normalization(config)
+  mean, std = feed.normalization(config)
   batch = next(pipeline.eval_batches(
       data, batch_size=len(picked), input_size=tuple(config.input_size),
       mean=mean, std=std, flare_threshold=config.flare.ratio_threshold))
-  variables = {"params": train.to_host(run.state.params),
-               "batch_stats": train.to_host(run.state.batch_stats)}
+  variables = {"params": mesh.to_host(run.state.params),
+               "batch_stats": mesh.to_host(run.state.batch_stats)}
   masks = mask_quality.predict_masks(run.model, variables,
                                      {m: batch[m] for m in MODALITIES},
                                      batch["flare"], batch_size=len(picked))
@@ -707,7 +714,7 @@ def visualize_run(config: Optional[ml_collections.ConfigDict], workdir: str,
   checkpointing.check_run_dir(workdir, step)
   if config is None:
     config = checkpointing.load_config(workdir)
-  train.eval_splits(config)  # Config errors before the checkpoint is read.
+  feed.eval_splits(config)  # Config errors before the checkpoint is read.
   run = Run(config, workdir, step)
   (query_split, gallery_split), (query, gallery) = run.splits, run.data
   console.print(

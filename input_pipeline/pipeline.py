@@ -9,6 +9,10 @@ computed in NumPy from (seed, epoch) and the augmentation is seeded from
 (seed, global sample position), so the batch at global step s is a pure
 function of (seed, s): `start_step` resumes exactly without replaying earlier
 steps, and the batches of all processes concatenate to the single-process one.
+
+One file, though long: training and evaluation share the decoding, resizing,
+normalisation and pseudo-labels of a SplitData, which must stay the same
+code for both.
 """
 
 import contextlib

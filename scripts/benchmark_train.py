@@ -17,7 +17,7 @@ every row alike:
 
 FACENet's modules have no PyTorch twin here, so with --torch a config that
 uses them is also measured as its baseline (use_mfmp, use_fce off, no
-modality loss, no restoration copies), and the JAX/PyTorch ratio compares
+modality loss), and the JAX/PyTorch ratio compares
 the baseline rows. TFLOP/s divide XLA's FLOP count of the compiled step (a
 multiply-add is 2 FLOPs) by its time; "% peak" compares them with the dense
 bf16 peak of the device kind where the table below knows it (accelerators;
@@ -50,7 +50,11 @@ import numpy as np  # noqa: E402
 import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
 from facenet_jax import hardware  # noqa: E402
 from facenet_jax import profiling  # noqa: E402
-from facenet_jax import train  # noqa: E402
+from facenet_jax.train import build  # noqa: E402
+from facenet_jax.train import feed  # noqa: E402
+from facenet_jax.train import mesh  # noqa: E402
+from facenet_jax.train import steps  # noqa: E402
+from facenet_jax.train import train_state  # noqa: E402
 from facenet_jax.constants import MODALITIES  # noqa: E402
 from input_pipeline import generated  # noqa: E402
 from input_pipeline import pipeline  # noqa: E402
@@ -84,13 +88,12 @@ def baseline_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.model.use_mfmp = False
   config.model.use_fce = False
   config.loss.modality = "none"
-  config.restore.copies = 0
   return config
 
 
 def is_baseline(config: ml_collections.ConfigDict) -> bool:
   return (not config.model.use_mfmp and not config.model.use_fce and
-          config.loss.modality == "none" and not config.restore.copies)
+          config.loss.modality == "none")
 
 
 class JaxRows:
@@ -99,23 +102,22 @@ class JaxRows:
   def __init__(self, config: ml_collections.ConfigDict,
                data: pipeline.SplitData):
     self.config = config
-    self.sharding = train.Sharding.create()
+    self.sharding = mesh.Sharding.create()
     labels = pipeline.train_label_map(data)
     spe = pipeline.steps_per_epoch(data, config.ids_per_batch,
                                    config.instances_per_id)
-    model = train.build_model(config, len(labels))
-    schedule = train.learning_rate_schedule(config, spe)
-    optimizer = train.build_optimizer(config, schedule)
-    self.step_fn = train.compile_train_step(
-        model, optimizer, train.loss_config(config), schedule, self.sharding,
-        restore=train.restore_config(config))
+    model = build.build_model(config, len(labels))
+    schedule = build.learning_rate_schedule(config, spe)
+    optimizer = build.build_optimizer(config, schedule)
+    self.step_fn = steps.compile_train_step(
+        model, optimizer, build.loss_config(config), schedule, self.sharding)
     state_sharding = self.sharding.replicated
-    init = lambda rng: train.create_state(model, optimizer,
+    init = lambda rng: train_state.create_state(model, optimizer,
                                           tuple(config.input_size), rng)
     self.state = jax.jit(init, out_shardings=state_sharding)(
         jax.random.key(config.seed))
     start = time.perf_counter()
-    self.batches = train.input_batches(config, data, self.sharding, 0)
+    self.batches = feed.input_batches(config, data, self.sharding, 0)
     self.input_seconds = time.perf_counter() - start
     # The pure step's fixed batch is the loop's first: same keys and shapes.
     self.fixed = next(self.batches)
@@ -125,37 +127,37 @@ class JaxRows:
       cost = cost[0] if cost else {}
     self.flops = float((cost or {}).get("flops", float("nan")))
 
-  def warm_up(self, steps: int) -> None:
-    for _ in range(steps):
+  def warm_up(self, num_steps: int) -> None:
+    for _ in range(num_steps):
       self.state, _ = self.step_fn(self.state, self.fixed)
       self.state, _ = self.step_fn(self.state, next(self.batches))
     jax.block_until_ready(self.state)
 
-  def time_step(self, steps: int) -> float:
+  def time_step(self, num_steps: int) -> float:
     """Seconds per step of the step alone."""
     jax.block_until_ready(self.state)
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(num_steps):
       self.state, metrics = self.step_fn(self.state, self.fixed)
     jax.block_until_ready((self.state, metrics))
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / num_steps
 
-  def time_loop(self, steps: int) -> float:
+  def time_loop(self, num_steps: int) -> float:
     """Seconds per step of input + step + the loop's metric fetches."""
     jax.block_until_ready(self.state)
     log_every = max(1, self.config.log_every_steps)
     pending = []
     start = time.perf_counter()
-    for step in range(1, steps + 1):
+    for step in range(1, num_steps + 1):
       self.state, metrics = self.step_fn(self.state, next(self.batches))
       pending.append(metrics)
-      if step % log_every == 0 or step == steps:
-        train.to_host(pending)
+      if step % log_every == 0 or step == num_steps:
+        mesh.to_host(pending)
         pending = []
     jax.block_until_ready(self.state)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / num_steps
 
-  def trace(self, steps: int, log_dir: str):
+  def trace(self, num_steps: int, log_dir: str):
     """The pure step under jax.profiler: (trace file, op kinds, wall s)."""
     jax.block_until_ready(self.state)
 
@@ -163,7 +165,7 @@ class JaxRows:
       self.state, metrics = self.step_fn(self.state, self.fixed)
       return self.state, metrics
 
-    path, wall = profiling.trace(one_step, steps, log_dir)
+    path, wall = profiling.trace(one_step, num_steps, log_dir)
     return path, profiling.op_kinds(path), wall
 
   def close(self) -> None:
@@ -183,7 +185,7 @@ class TorchRow:
     self.torch = torch
     torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(config.seed)
-    depth = train.parse_depth(config.model.backbone)
+    depth = build.parse_depth(config.model.backbone)
     self.model = _torch_baseline(torch, depth, config.model.width_multiplier,
                                  config.model.last_stride, num_classes)
     decay = [p for p in self.model.parameters() if p.ndim > 1]
@@ -212,15 +214,15 @@ class TorchRow:
           torch, features, self.labels, self.margin, self.soft)
     return total
 
-  def time_step(self, steps: int) -> float:
+  def time_step(self, num_steps: int) -> float:
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(num_steps):
       self.optimizer.zero_grad(set_to_none=True)
       loss = self._loss()
       loss.backward()
       self.optimizer.step()
     float(loss.detach())
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / num_steps
 
 
 def _torch_triplet(torch, features, labels, margin: float, soft: bool):
@@ -326,7 +328,7 @@ def _load_data(config: ml_collections.ConfigDict) -> tuple[pipeline.SplitData,
     h, w = config.input_size
     return (generated.generated_split(num_ids, per_id, h, w),
             f"generated JPEG {h}x{w}")
-  return (train.split_data(config, "train"),
+  return (feed.split_data(config, "train"),
           f"{config.dataset}/{config.dataset_config}[train]")
 
 
@@ -358,7 +360,7 @@ def main(argv: Sequence[str]) -> None:
   torch_row = None
   if _TORCH.value:
     torch_row = TorchRow(configs[-1], len(pipeline.train_label_map(data)),
-                         train.to_host(jax_rows[-1].fixed),
+                         mesh.to_host(jax_rows[-1].fixed),
                          _TORCH_THREADS.value)
     torch_row.time_step(max(1, _WARMUP.value))
 

@@ -47,34 +47,37 @@ _CHILD = flags.DEFINE_bool("child", False,
                            "Internal: time this process's flags, print JSON.")
 
 
-def _time_here(config, steps: int) -> dict:
+def _time_here(config, num_steps: int) -> dict:
   """Compile and step times of the config under this process's XLA flags."""
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import input_pipeline  # noqa: F401  pylint: disable=g-import-not-at-top
-  from facenet_jax import train  # pylint: disable=g-import-not-at-top
+  from facenet_jax.train import build  # pylint: disable=g-import-not-at-top
+  from facenet_jax.train import feed  # pylint: disable=g-import-not-at-top
+  from facenet_jax.train import mesh  # pylint: disable=g-import-not-at-top
+  from facenet_jax.train import steps  # pylint: disable=g-import-not-at-top
+  from facenet_jax.train import train_state  # pylint: disable=g-import-not-at-top
   from input_pipeline import generated  # pylint: disable=g-import-not-at-top
   h, w = config.input_size
   data = generated.generated_split(max(2 * config.ids_per_batch, 16),
                                    max(2 * config.instances_per_id, 8), h, w)
-  sharding = train.Sharding.create()
+  sharding = mesh.Sharding.create()
   num_classes = len(set(data.pid.tolist()))
-  model = train.build_model(config, num_classes)
-  schedule = train.learning_rate_schedule(config, 100)
-  optimizer = train.build_optimizer(config, schedule)
+  model = build.build_model(config, num_classes)
+  schedule = build.learning_rate_schedule(config, 100)
+  optimizer = build.build_optimizer(config, schedule)
   start = time.perf_counter()
-  state = jax.jit(functools.partial(train.create_state, model, optimizer,
+  state = jax.jit(functools.partial(train_state.create_state, model, optimizer,
                                     tuple(config.input_size)),
                   out_shardings=sharding.replicated)(jax.random.key(0))
   jax.block_until_ready(state)
   init_seconds = time.perf_counter() - start
-  batches = train.input_batches(config, data, sharding, 0)
+  batches = feed.input_batches(config, data, sharding, 0)
   batch = next(batches)
   batches.close()
-  step_fn = train.compile_train_step(model, optimizer,
-                                     train.loss_config(config), schedule,
-                                     sharding,
-                                     restore=train.restore_config(config))
+  step_fn = steps.compile_train_step(model, optimizer,
+                                     build.loss_config(config), schedule,
+                                     sharding)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_seconds = time.perf_counter() - start
@@ -82,7 +85,7 @@ def _time_here(config, steps: int) -> dict:
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   times = []
-  for _ in range(steps):
+  for _ in range(num_steps):
     start = time.perf_counter()
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)

@@ -14,11 +14,10 @@ For each finished run of the chosen variants (the same --config and
     are replaced by TI features at test time (training is unchanged);
   * "rendered flare on the query": every query's RGB and NI images get a
     flare of facenet_jax/flare_render.py's family (config.eval.rendered_
-    flare=query), which neither the dataset's generator nor training (unless
-    restore.copies > 0) produces: ranking under a flare the model has never
-    seen. Its flare / clean rows are the queries whose real images have /
-    have no flare, so "clean" is the queries whose only flare is the
-    rendered one.
+    flare=query), which neither the dataset's generator nor training
+    produces: ranking under a flare the model has never seen. Its flare /
+    clean rows are the queries whose real images have / have no flare, so
+    "clean" is the queries whose only flare is the rendered one.
   * "flared streams at weight w" (w = 0.5, 0): the full network, ranked
     with the segments' distances re-weighted so that a flared image's RGB /
     NI segment counts w times (fusion.stream_weights "fixed"): how
@@ -56,7 +55,10 @@ with console_lib.quiet_imports() as _STARTUP:
   from facenet_jax import experiments  # noqa: E402
   from facenet_jax import fusion  # noqa: E402
   from facenet_jax import mask_quality  # noqa: E402
-  from facenet_jax import train  # noqa: E402
+  from facenet_jax.train import evaluate  # noqa: E402
+  from facenet_jax.train import extract  # noqa: E402
+  from facenet_jax.train import feed  # noqa: E402
+  from facenet_jax.train import train_state  # noqa: E402
   from facenet_jax.constants import FLARE_MODALITIES, MODALITIES  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -81,14 +83,14 @@ DIAGNOSTICS_FILE = "diagnostics.md"
 
 def diagnose_run(config, workdir: str, probes=PROBES) -> dict:
   """{probe name: rank_report} for one finished run."""
-  model, state, sharding = train.restore_for_eval(config, workdir)
+  model, state, sharding = train_state.restore_for_eval(config, workdir)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  query_split, gallery_split = train.eval_splits(config)
-  split = {"query": train.extract(config, model, variables, query_split,
+  query_split, gallery_split = feed.eval_splits(config)
+  split = {"query": extract.extract(config, model, variables, query_split,
                                   sharding),
-           "gallery": train.extract(config, model, variables, gallery_split,
+           "gallery": extract.extract(config, model, variables, gallery_split,
                                     sharding)}
-  reports = {"full embedding": train.rank(config, split["query"],
+  reports = {"full embedding": evaluate.rank(config, split["query"],
                                           split["gallery"])}
   if "segments" in probes:
     segments = {s: experiments.modality_segments(split[s]["embedding"],
@@ -97,7 +99,7 @@ def diagnose_run(config, workdir: str, probes=PROBES) -> dict:
       # One segment alone: Euclidean, whatever fusion the run ranks with.
       alone = [{**{k: v for k, v in split[s].items() if k != "weights"},
                 "embedding": segments[s][m]} for s in ("query", "gallery")]
-      reports[f"{m.upper()} segment only"] = train.rank(config, *alone)
+      reports[f"{m.upper()} segment only"] = evaluate.rank(config, *alone)
   if "flare_weighting" in probes:
     for w in FLARE_WEIGHTS:
       name = ("equal segments" if w == 1 else
@@ -106,20 +108,20 @@ def diagnose_run(config, workdir: str, probes=PROBES) -> dict:
                 np.asarray(fusion.stream_weights("fixed", x["flare"], None,
                                                  w)))
                for x in (split["query"], split["gallery"])]
-      reports[name] = train.rank(config, split["query"], split["gallery"],
+      reports[name] = evaluate.rank(config, split["query"], split["gallery"],
                                  distmat=fusion.numpy_distances(*fused[0],
                                                                 *fused[1]))
   if "rendered_flare" in probes:
-    rendered = train.extract(config, model, variables, query_split, sharding,
+    rendered = extract.extract(config, model, variables, query_split, sharding,
                              render=True)
-    reports["rendered flare on the query"] = train.rank(config, rendered,
+    reports["rendered flare on the query"] = evaluate.rank(config, rendered,
                                                         split["gallery"])
   if config.model.use_fce and "fce_off" in probes:
-    off = {s: train.extract(config, model, variables, name, sharding,
+    off = {s: extract.extract(config, model, variables, name, sharding,
                             zero_flare=True)
            for s, name in (("query", query_split),
                            ("gallery", gallery_split))}
-    reports["FCE off at test"] = train.rank(config, off["query"],
+    reports["FCE off at test"] = evaluate.rank(config, off["query"],
                                             off["gallery"])
   return reports
 

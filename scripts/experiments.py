@@ -48,7 +48,9 @@ with console_lib.quiet_imports() as _STARTUP:
   from facenet_jax import checkpointing  # noqa: E402
   from facenet_jax import experiments  # noqa: E402
   from facenet_jax import mask_quality  # noqa: E402
-  from facenet_jax import train  # noqa: E402
+  from facenet_jax.train import evaluate  # noqa: E402
+  from facenet_jax.train import feed  # noqa: E402
+  from facenet_jax.train import loop  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Base configuration (configs/experiments.py).",
@@ -57,7 +59,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory.")
 _TABLES = flags.DEFINE_list("tables", ["2", "3", "4", "5"],
                             "Tables to run: the paper's 2, 3, 4, 5 and 8 (other "
                             "backbones), and beyond the paper 9 (warm start "
-                            "from the baseline) and 10 (restoration training).")
+                            "from the baseline).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every variant.")
 _QUICK = flags.DEFINE_bool("quick", False,
                            "Table 2 with one seed (the first of --seeds).")
@@ -78,11 +80,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 MASK_VARIANTS = (("MFMP (w/o FMI) + FCE", "w/o FMI", "mfmp_nofmi_fce"),
                  ("MFMP + FCE", "with FMI", "mfmp_fce"),
                  ("FACENet", "FACENet", "facenet"),
-                 ("FACENet, warm-started", "FACENet ws", "facenet_ws"),
-                 ("MFMP + FCE + restoration", "restoration",
-                  "mfmp_fce_restore"),
-                 ("MFMP (stage-1 masks) + FCE, ws + restoration",
-                  "stage 1, ws, restoration", "mfmp_fce_ms1_ws_restore"))
+                 ("FACENet, warm-started", "FACENet ws", "facenet_ws"))
 FIGURE_FILE = "mask_figure.png"
 FIGURE_EXAMPLES = 4
 WALL_TIME_FILE = "wall_time.json"
@@ -98,7 +96,7 @@ def _seeds() -> list[int]:
 
 def _timed_train(config, workdir):
   start = time.time()
-  results = train.train_and_evaluate(config, workdir)
+  results = loop.train_and_evaluate(config, workdir)
   # Time of this invocation (a resumed run counts its last part only).
   with open(os.path.join(workdir, WALL_TIME_FILE), "w") as f:
     json.dump({"seconds": time.time() - start}, f)
@@ -153,7 +151,7 @@ def _mask_section(config, root, seeds, variants) -> str:
   split = config.eval.split
   data = mask_quality.load_eval_split_with_masks(
       config.dataset, split, config.dataset_config, config.data_dir or None,
-      train.val_ids(config))
+      feed.val_ids(config))
   figure_masks = {}
   rows = []
   for label, variant in present:
@@ -268,7 +266,7 @@ def _run(config, root, tables, seeds, variants) -> None:
   experiments.run_study(config, root, tables, seeds, _timed_train,
                         on_result=write_tables,
                         evaluate_fn=functools.partial(
-                            train.evaluate_checkpoint, recorded_fusion=False))
+                            evaluate.evaluate_checkpoint, recorded_fusion=False))
   masks = ""
   if _MASKS.value:
     print("Scoring the predicted masks...", flush=True)

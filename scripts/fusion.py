@@ -28,14 +28,14 @@ with console_lib.quiet_imports() as _STARTUP:
   from facenet_jax import checkpointing  # noqa: E402
   from facenet_jax import experiments  # noqa: E402
   from facenet_jax import fusion_choice  # noqa: E402
-  from facenet_jax import train  # noqa: E402
+  from facenet_jax.train import extract  # noqa: E402
 
 _RUNS = flags.DEFINE_list("runs", None, "Finished run directories (e.g. the "
                           "seeds of one study variant).")
 _SPLIT = flags.DEFINE_enum("split", "val", ["val", "test"],
                            "val: sweep and record the choice; test: rank "
                            "concat and the recorded choice only.")
-_RENDERED = flags.DEFINE_enum("rendered_flare", "none", train.RENDER_SIDES,
+_RENDERED = flags.DEFINE_enum("rendered_flare", "none", extract.RENDER_SIDES,
                               "Render a flare onto these images first.")
 _OUTPUT = flags.DEFINE_string("output", None, "Markdown file of the table "
                               "(default: beside the first run).")

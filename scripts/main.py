@@ -35,7 +35,8 @@ with console_lib.quiet_imports() as _STARTUP:
   from ml_collections import config_flags  # noqa: E402
   import jax  # noqa: E402
   import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
-  from facenet_jax import train  # noqa: E402
+  from facenet_jax.train import evaluate  # noqa: E402
+  from facenet_jax.train import loop  # noqa: E402
   from facenet_jax import visualize  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -97,12 +98,12 @@ def main(argv):
       console.print(visualize.where(written, log_file))
       return
     if _MODE.value == "train":
-      train.train_and_evaluate(config, _WORKDIR.value, console)
+      loop.train_and_evaluate(config, _WORKDIR.value, console)
     else:
-      train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value, console)
+      evaluate.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value, console)
     console.print("")
     console.print(_where(_WORKDIR.value,
-                         train.results_path(config, _WORKDIR.value), log_file))
+                         evaluate.results_path(config, _WORKDIR.value), log_file))
 
 
 if __name__ == "__main__":

@@ -56,20 +56,23 @@ def two_steps(config, sharding, local_batches) -> dict:
   """Runs the train step on each local batch; returns losses and a checksum."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from facenet_jax import train  # pylint: disable=g-import-not-at-top
-  model = train.build_model(config, num_classes=config.ids_per_batch)
-  schedule = train.learning_rate_schedule(config, steps_per_epoch=10)
+  from facenet_jax.train import build  # pylint: disable=g-import-not-at-top
+  from facenet_jax.train import mesh  # pylint: disable=g-import-not-at-top
+  from facenet_jax.train import steps  # pylint: disable=g-import-not-at-top
+  from facenet_jax.train import train_state  # pylint: disable=g-import-not-at-top
+  model = build.build_model(config, num_classes=config.ids_per_batch)
+  schedule = build.learning_rate_schedule(config, steps_per_epoch=10)
   optimizer = optax.sgd(1e-3)  # See tests/test_train.py for why not Adam.
-  init = functools.partial(train.create_state, model, optimizer,
+  init = functools.partial(train_state.create_state, model, optimizer,
                            tuple(config.input_size))
   state = jax.jit(init, out_shardings=sharding.replicated)(jax.random.key(0))
-  step = train.compile_train_step(model, optimizer, train.loss_config(config),
+  step = steps.compile_train_step(model, optimizer, build.loss_config(config),
                                   schedule, sharding)
   losses = []
   for local in local_batches:
     state, metrics = step(state, sharding.global_batch(local))
-    losses.append(float(train.to_host(metrics["train/loss"])))
-  params = train.to_host(state.params)
+    losses.append(float(mesh.to_host(metrics["train/loss"])))
+  params = mesh.to_host(state.params)
   return {"losses": losses,
           "checksum": float(sum(np.abs(x).astype(np.float64).sum()
                                 for x in jax.tree.leaves(params))),
@@ -85,9 +88,9 @@ def main(process_id: int, port: int, output: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"localhost:{port}", NUM_PROCESSES, process_id)
-  from facenet_jax import train  # pylint: disable=g-import-not-at-top
+  from facenet_jax.train import mesh  # pylint: disable=g-import-not-at-top
   config = worker_config()
-  sharding = train.Sharding.create()
+  sharding = mesh.Sharding.create()
   rows = config.ids_per_batch * config.instances_per_id // NUM_PROCESSES
   local = [{k: v[process_id * rows:(process_id + 1) * rows]
             for k, v in batch.items()} for batch in make_batches(config)]

@@ -10,20 +10,20 @@ import jax
 import numpy as np
 
 from facenet_jax import checkpointing
-from facenet_jax import train
+from facenet_jax.train import train_state
 
 NUM_CLASSES = 4
 
 
 def random_state(config, seed: int,
-                 num_classes: int = NUM_CLASSES) -> train.TrainState:
+                 num_classes: int = NUM_CLASSES) -> train_state.TrainState:
   """A host TrainState of seeded noise, from shapes only (no eager init).
 
   Kernels ~ N(0, 1 / fan_in) keep activations of order one through the
   network; BatchNorm variances in [1, 1.5], means, biases and mask
   thresholds ~ N(0, 0.1).
   """
-  _, optimizer, abstract = train.abstract_state(config, num_classes,
+  _, optimizer, abstract = train_state.abstract_state(config, num_classes,
                                                 steps_per_epoch=2)
   rng = np.random.default_rng(seed)
 
@@ -41,7 +41,7 @@ def random_state(config, seed: int,
     return value.astype(leaf.dtype)
 
   params = jax.tree_util.tree_map_with_path(noise, abstract.params)
-  return train.TrainState(
+  return train_state.TrainState(
       step=np.zeros((), np.int32), params=params,
       batch_stats=jax.tree_util.tree_map_with_path(noise,
                                                    abstract.batch_stats),

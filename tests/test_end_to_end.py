@@ -22,7 +22,11 @@ from facenet_jax import checkpointing
 from facenet_jax import console
 from facenet_jax import inference
 from facenet_jax import mask_quality
-from facenet_jax import train
+from facenet_jax.train import evaluate
+from facenet_jax.train import extract
+from facenet_jax.train import feed
+from facenet_jax.train import loop
+from facenet_jax.train import train_state
 import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
 from input_pipeline import pipeline
 from input_pipeline.datasets import synthetic_flare
@@ -38,7 +42,7 @@ def _config(data_dir: str):
 
 def _params(workdir: str, step: int):
   config = checkpointing.load_config(workdir)
-  _, state, _ = train.restore_for_eval(config, workdir, step)
+  _, state, _ = train_state.restore_for_eval(config, workdir, step)
   return jax.device_get(state.params)
 
 
@@ -53,7 +57,7 @@ class EndToEndTest(absltest.TestCase):
     shutil.rmtree(cls.workdir, ignore_errors=True)
     # What a person would see, as plain lines (not a terminal), one per step.
     cls.console = io.StringIO()
-    cls.results = train.train_and_evaluate(
+    cls.results = loop.train_and_evaluate(
         _config(cls.data_dir), cls.workdir,
         console.Console(cls.console, live=False, interval=0.0))
 
@@ -110,14 +114,14 @@ class EndToEndTest(absltest.TestCase):
     shutil.copytree(self.workdir, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
     os.remove(os.path.join(resumed, "eval_results.json"))
-    results = train.train_and_evaluate(_config(self.data_dir), resumed)
+    results = loop.train_and_evaluate(_config(self.data_dir), resumed)
     jax.tree.map(np.testing.assert_array_equal, _params(self.workdir, 4),
                  _params(resumed, 4))
     self.assertEqual(results["mAP"], self.results["mAP"])
     self.assertEqual(results["rank1"], self.results["rank1"])
 
   def test_eval_mode_reproduces_metrics(self):
-    results = train.evaluate_checkpoint(_config(self.data_dir), self.workdir)
+    results = evaluate.evaluate_checkpoint(_config(self.data_dir), self.workdir)
     for key in ("mAP", "rank1", "rank5", "mINP"):
       self.assertAlmostEqual(results[key], self.results[key], places=6)
 
@@ -127,7 +131,7 @@ class EndToEndTest(absltest.TestCase):
       test_results = f.read()
     config = _config(self.data_dir)
     config.eval.split = "val"
-    results = train.evaluate_checkpoint(config, self.workdir)
+    results = evaluate.evaluate_checkpoint(config, self.workdir)
     with open(os.path.join(self.workdir, "eval_results_val.json")) as f:
       saved = json.load(f)
     self.assertEqual(saved["split"], "val")
@@ -143,7 +147,7 @@ class EndToEndTest(absltest.TestCase):
   def test_val_split_carved_from_train(self):
     config = _config(self.data_dir)
     config.val_ids = 3
-    parts = {s: train.split_data(config, s)
+    parts = {s: feed.split_data(config, s)
              for s in ("train", "val_query", "val_gallery")}
     held = set(parts["val_query"].pid.tolist())
     self.assertLen(held, 3)
@@ -163,21 +167,21 @@ class EndToEndTest(absltest.TestCase):
     config.eval.split = "val"
     with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
                                 "val_ids"):
-      train.evaluate_checkpoint(config, self.workdir)
+      evaluate.evaluate_checkpoint(config, self.workdir)
 
   def test_changed_config_is_refused(self):
     config = _config(self.data_dir)
     config.model.use_fmi = False
     with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
                                 "model.use_fmi"):
-      train.train_and_evaluate(config, self.workdir)
+      loop.train_and_evaluate(config, self.workdir)
 
   def test_eval_with_other_config_is_refused(self):
     config = _config(self.data_dir)
     config.model.embedding = "after_bn"
     with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
                                 "model.embedding"):
-      train.evaluate_checkpoint(config, self.workdir)
+      evaluate.evaluate_checkpoint(config, self.workdir)
 
   def test_checkpoint_shape_mismatch_is_reported(self):
     # A run directory whose config.json says fmi_width=16 but whose
@@ -191,14 +195,14 @@ class EndToEndTest(absltest.TestCase):
       json.dump(checkpointing.config_to_dict(config), f)
     with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
                                 "does not match the model"):
-      train.restore_for_eval(config, other)
+      train_state.restore_for_eval(config, other)
 
   def test_embedder_matches_evaluation(self):
     embedder = inference.Embedder.from_workdir(self.workdir)
     config = checkpointing.load_config(self.workdir)
-    model, state, sharding = train.restore_for_eval(config, self.workdir)
+    model, state, sharding = train_state.restore_for_eval(config, self.workdir)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    expected = train.extract(config, model, variables, "query", sharding)
+    expected = extract.extract(config, model, variables, "query", sharding)
     ds = tfds.load("synthetic_flare/tiny", split="query",
                    data_dir=self.data_dir)
     raw = list(tfds.as_numpy(ds))
@@ -228,7 +232,7 @@ class EndToEndTest(absltest.TestCase):
       for key in ("iou", "coverage_flare", "coverage_clean"):
         self.assertBetween(scores[m][key], 0.0, 1.0)
     # Batched, padded prediction = the model on one example alone.
-    model, state, _ = train.restore_for_eval(config, self.workdir)
+    model, state, _ = train_state.restore_for_eval(config, self.workdir)
     images = inference.preprocess(
         {k: data[k][-1:] for k in ("rgb", "ni", "ti")}, config)
     flare = (data["flare_ratio"][-1:] > config.flare.ratio_threshold).astype(
@@ -244,11 +248,11 @@ class EndToEndTest(absltest.TestCase):
   def test_clahe_reaches_training_and_inference_alike(self):
     config = _config(self.data_dir)
     config.preprocess.clahe = True
-    data = train.split_data(config, "query")
-    plain = train.split_data(_config(self.data_dir), "query")
+    data = feed.split_data(config, "query")
+    plain = feed.split_data(_config(self.data_dir), "query")
     self.assertNotEqual(data.rgb[0], plain.rgb[0])
     self.assertEqual(data.ti[0], plain.ti[0])
-    mean, std = train.normalization(config)
+    mean, std = feed.normalization(config)
     batch = next(pipeline.eval_batches(
         data, batch_size=4, input_size=config.input_size, mean=mean, std=std,
         flare_threshold=config.flare.ratio_threshold))

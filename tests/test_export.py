@@ -2,9 +2,9 @@
 
 The run is the tiny FACENet with seeded random weights
 (run_fixtures.make_run): what a trained workdir holds, without training. It
-ranks with the learned flare-aware fusion (model.fusion = "gate", whose
-random gate gives every image its own segment weights), so that every
-output of an export, the embedding and the weights, is checked.
+ranks with the saturation fusion (model.fusion = "saturation", whose weights
+follow each image's saturated fraction), so that every output of an export,
+the embedding and the weights, is checked.
 Each export is run (ONNX Runtime; the deserialised jax.export function) on
 `Embedder.inputs` of generated raw triplets, and compared with the JAX
 Embedder on the same raw images.
@@ -46,7 +46,7 @@ def setUpModule():
   _RUN["root"] = tempfile.mkdtemp(prefix="export_")
   _RUN["workdir"] = os.path.join(_RUN["root"], "run")
   config = tiny.get_config()
-  config.model.fusion = "gate"
+  config.model.fusion = "saturation"
   run_fixtures.make_run(_RUN["workdir"], config)
   _RUN["embedder"] = export.load_embedder(_RUN["workdir"])
   _RUN["raw"] = export.check_triplets(_RUN["embedder"].config.input_size,
@@ -92,7 +92,7 @@ class OnnxTest(absltest.TestCase):
     out = export.onnx_runner(self.path)(embedder.inputs(*raw))
     np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0,
                                rtol=1e-5)
-    # The gate's weights differ between images: the output is not a constant.
+    # The weights differ between images: the output is not a constant.
     self.assertGreater(np.ptp(out["weights"][:, :2]), 1e-3)
     np.testing.assert_array_equal(out["weights"][:, 2], 1.0)
 

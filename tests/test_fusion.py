@@ -1,4 +1,4 @@
-"""The flare-aware fusion: its distance, weights, gate, loss and recorded choice."""
+"""The flare-aware fusion: its distance, weights and recorded choice."""
 
 import json
 import os
@@ -14,8 +14,8 @@ from facenet_jax import checkpointing
 from facenet_jax import evaluation
 from facenet_jax import fusion
 from facenet_jax import fusion_choice
-from facenet_jax import losses
-from facenet_jax import train
+from facenet_jax.train import build
+from facenet_jax.train import steps
 from facenet_jax.models import FACENet
 import run_fixtures
 
@@ -106,61 +106,12 @@ class WeightsTest(absltest.TestCase):
                               full_ratio=0.2),
         [[0.5, 1, 1], [0.875, 0.7, 1], [1, 0.95, 1]], rtol=1e-6)
 
-  def test_a_gate_needs_its_triplet(self):
-    config = tiny.get_config()
-    config.model.fusion = "gate"
-    config.loss.fusion_triplet_weight = 0.0
-    with self.assertRaisesRegex(ValueError, "loss.fusion_triplet_weight > 0"):
-      train.loss_config(config)
-    config.loss.fusion_triplet_weight = 1.0
-    self.assertEqual(train.loss_config(config).fusion_triplet_weight, 1.0)
-
   def test_bad_settings_name_the_field(self):
     for args, field in ((("mean", 0.5, 0.2), "model.fusion"),
                         (("fixed", 1.5, 0.2), "model.fusion_weight"),
                         (("saturation", 0.5, 0.0), "model.fusion_full_ratio")):
       with self.assertRaisesRegex(ValueError, field):
         fusion.check(*args)
-
-
-class GateTest(absltest.TestCase):
-
-  def test_the_fused_triplet_trains_the_gate(self):
-    rng = np.random.default_rng(2)
-    embedding = jnp.asarray(_fused(rng, 8))
-    labels = jnp.array([0, 0, 1, 1, 2, 2, 3, 3])
-    evidence = jnp.asarray(rng.uniform(0, 0.5, (8, 2, 2)), jnp.float32)
-    gate = fusion.ReliabilityGate()
-    params = gate.init(jax.random.key(0), evidence)
-    # Untrained: close to concat, TI at 1.
-    weights = gate.apply(params, evidence)
-    np.testing.assert_allclose(weights[:, :2], 0.95, rtol=1e-5)
-    np.testing.assert_array_equal(weights[:, 2], 1.0)
-
-    def loss(p):
-      return losses.fused_triplet(embedding, gate.apply(p, evidence), labels,
-                                  margin=1.0)
-
-    grads = jax.grad(loss)(params)["params"]
-    self.assertGreater(float(jnp.max(jnp.abs(grads["bias"]))), 0.0)
-    self.assertGreater(float(jnp.max(jnp.abs(grads["slope"]))), 0.0)
-
-  def test_total_loss_adds_the_fused_term(self):
-    rng = np.random.default_rng(3)
-    labels = jnp.array([0, 0, 1, 1])
-    features = {m: jnp.asarray(rng.normal(size=(4, D)), jnp.float32)
-                for m in ("rgb", "ni", "ti")}
-    logits = {m: jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)
-              for m in features}
-    fused = (jnp.asarray(_fused(rng, 4)), jnp.ones((4, 3)))
-    config = losses.LossConfig(modality="none", fusion_triplet_weight=0.5)
-    plain, _ = losses.total_loss(logits, features, {}, labels,
-                                 jnp.zeros((4, 2)), config)
-    total, terms = losses.total_loss(logits, features, {}, labels,
-                                     jnp.zeros((4, 2)), config, fused=fused)
-    self.assertIn("triplet_fused", terms)
-    np.testing.assert_allclose(total, plain + 0.5 * terms["triplet_fused"],
-                               rtol=1e-6)
 
 
 class ModelTest(absltest.TestCase):
@@ -175,12 +126,12 @@ class ModelTest(absltest.TestCase):
     batch["flare"] = jnp.array([[1, 0], [0, 1], [0, 0]], jnp.float32)
     batch["flare_ratio"] = jnp.array([[0.3, 0.0], [0.05, 0.4], [0.0, 0.0]],
                                      jnp.float32)
-    for kind in ("saturation", "gate"):
+    for kind in ("saturation", "fixed"):
       config.model.fusion = kind
       state = run_fixtures.random_state(config, seed=1)
-      model = train.build_model(config, run_fixtures.NUM_CLASSES)
+      model = build.build_model(config, run_fixtures.NUM_CLASSES)
       variables = {"params": state.params, "batch_stats": state.batch_stats}
-      embed = jax.jit(lambda v, b, model=model: train.embed_step(
+      embed = jax.jit(lambda v, b, model=model: steps.embed_step(
           v, b, model=model, flip_average=False))
       emb, weights = embed(variables, batch)
       # Each segment has norm 1 / sqrt(3).
@@ -193,10 +144,10 @@ class ModelTest(absltest.TestCase):
         np.testing.assert_allclose(emb_i[0], emb[i], atol=1e-5)
         np.testing.assert_allclose(weights_i[0], weights[i], atol=1e-6)
 
-  def test_a_learned_fusion_needs_the_saturated_fractions(self):
+  def test_the_saturation_fusion_needs_the_saturated_fractions(self):
     config = tiny.get_config()
-    config.model.fusion = "gate"
-    model = train.build_model(config, run_fixtures.NUM_CLASSES)
+    config.model.fusion = "saturation"
+    model = build.build_model(config, run_fixtures.NUM_CLASSES)
     h, w = config.input_size
     images = {m: jnp.zeros((1, h, w, 3)) for m in ("rgb", "ni", "ti")}
     self.assertIsInstance(model, FACENet)
@@ -247,17 +198,17 @@ class ChoiceTest(absltest.TestCase):
                            fusion_choice.choose(rows))
       self.assertIsNone(checkpointing.read_recorded_fusion(self.workdir))
 
-  def test_only_the_gate_change_is_refused_on_restore(self):
+  def test_a_run_may_be_restored_with_another_fusion(self):
     run_fixtures.make_run(self.workdir, self.config)
     fixed = tiny.get_config()
     fixed.model.fusion = "fixed"
+    fixed.model.fusion_weight = 0.25
     checkpointing.check_config(self.workdir, fixed, has_state=True)
-    gate = tiny.get_config()
-    gate.model.fusion = "gate"
-    gate.loss.fusion_triplet_weight = 1.0
+    # Not so a change of what was trained.
+    fixed.model.use_fce = not fixed.model.use_fce
     with self.assertRaisesRegex(checkpointing.CheckpointMismatchError,
-                                "model.fusion: saved 'concat', now 'gate'"):
-      checkpointing.check_config(self.workdir, gate, has_state=True)
+                                "model.use_fce"):
+      checkpointing.check_config(self.workdir, fixed, has_state=True)
 
 
 if __name__ == "__main__":

@@ -443,31 +443,6 @@ class TotalLossTest(parameterized.TestCase):
                                           if k != "total"), rtol=1e-5)
     assert_finite_tree(self, grads)
 
-  def test_raw_terms_weighted_with_the_identity_weights(self):
-    logits, features, flare_logits, labels, flare_targets = self.make_inputs()
-    raw_logits = {s: logits[s][::-1].copy() for s in ("rgb", "ni")}
-    raw_features = {s: features[s][::-1].copy() for s in ("rgb", "ni")}
-    kwargs = dict(raw_logits=raw_logits, raw_features=raw_features)
-    common = dict(modality="none", ce_weight=0.7, triplet_weight=1.3,
-                  label_smoothing=0.1)
-    base, base_terms = losses.total_loss(
-        logits, features, flare_logits, labels, flare_targets,
-        losses.LossConfig(**common), **kwargs)
-    self.assertNotIn("ce_raw_rgb", base_terms)
-    total, terms = losses.total_loss(
-        logits, features, flare_logits, labels, flare_targets,
-        losses.LossConfig(fce_raw_weight=0.5, **common), **kwargs)
-    for s in ("rgb", "ni"):
-      np.testing.assert_allclose(
-          terms[f"ce_raw_{s}"],
-          losses.cross_entropy(raw_logits[s], labels, 0.1), rtol=1e-6)
-    extra = sum(0.5 * (0.7 * terms[f"ce_raw_{s}"] +
-                       1.3 * terms[f"triplet_raw_{s}"]) for s in ("rgb", "ni"))
-    self.assertGreater(float(extra), 0.0)
-    np.testing.assert_allclose(total, base + extra, rtol=1e-5)
-    with self.assertRaisesRegex(ValueError, r"loss\.fce_raw_weight"):
-      losses.LossConfig(fce_raw_weight=-0.1)
-
   def test_invalid_modality_raises(self):
     with self.assertRaisesRegex(ValueError, r"loss\.modality"):
       losses.LossConfig(modality="kl")

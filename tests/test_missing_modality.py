@@ -16,7 +16,10 @@ import numpy as np
 
 from configs import tiny
 from facenet_jax import checkpointing
-from facenet_jax import train
+from facenet_jax.train import evaluate
+from facenet_jax.train import extract
+from facenet_jax.train import loop
+from facenet_jax.train import train_state
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
 
@@ -40,7 +43,7 @@ class BlankingTest(parameterized.TestCase):
   @parameterized.parameters(*_SETS)
   def test_zeros_exactly_the_missing_inputs(self, *missing):
     batch = _batch()
-    out = jax.jit(train.blank_inputs)(batch, train.input_keep(missing))
+    out = jax.jit(extract.blank_inputs)(batch, extract.input_keep(missing))
     for m in MODALITIES:
       expected = np.zeros_like(batch[m]) if m in missing else batch[m]
       np.testing.assert_array_equal(out[m], expected)
@@ -55,26 +58,26 @@ class BlankingTest(parameterized.TestCase):
 
   def test_zero_flare_keeps_the_images(self):
     batch = _batch()
-    out = train.blank_inputs(batch, train.input_keep(("ti",), zero_flare=True))
+    out = extract.blank_inputs(batch, extract.input_keep(("ti",), zero_flare=True))
     np.testing.assert_array_equal(out["flare"], 0.0)
     np.testing.assert_array_equal(out["rgb"], batch["rgb"])
     np.testing.assert_array_equal(out["ti"], 0.0)
 
   def test_query_and_gallery_sides(self):
-    self.assertEqual(train.missing_by_side(("ni",), "query"),
+    self.assertEqual(extract.missing_by_side(("ni",), "query"),
                      {"query": ("ni",), "gallery": ()})
-    self.assertEqual(train.missing_by_side(("rgb", "ti"), "gallery"),
+    self.assertEqual(extract.missing_by_side(("rgb", "ti"), "gallery"),
                      {"query": (), "gallery": ("rgb", "ti")})
-    self.assertEqual(train.missing_by_side(("ti",), "both"),
+    self.assertEqual(extract.missing_by_side(("ti",), "both"),
                      {"query": ("ti",), "gallery": ("ti",)})
 
   def test_results_files_keep_the_full_modality_names(self):
-    self.assertEqual(train.results_file("test"), "eval_results.json")
-    self.assertEqual(train.results_file("val", (), "query"),
+    self.assertEqual(evaluate.results_file("test"), "eval_results.json")
+    self.assertEqual(evaluate.results_file("val", (), "query"),
                      "eval_results_val.json")
-    self.assertEqual(train.results_file("test", ("ni",), "both"),
+    self.assertEqual(evaluate.results_file("test", ("ni",), "both"),
                      "eval_results_missing-ni_both.json")
-    self.assertEqual(train.results_file("val", ("rgb", "ni"), "gallery"),
+    self.assertEqual(evaluate.results_file("val", ("rgb", "ni"), "gallery"),
                      "eval_results_missing-rgb+ni_gallery_val.json")
 
 
@@ -87,10 +90,10 @@ class ConfigTest(parameterized.TestCase):
     return config
 
   def test_sets(self):
-    self.assertEqual(train.missing_sets(self._config()), ((),))
-    self.assertEqual(train.missing_sets(self._config(" NI, rgb")),
+    self.assertEqual(extract.missing_sets(self._config()), ((),))
+    self.assertEqual(extract.missing_sets(self._config(" NI, rgb")),
                      (("rgb", "ni"),))
-    sweep = train.missing_sets(self._config("all", "query"))
+    sweep = extract.missing_sets(self._config("all", "query"))
     self.assertEqual(sweep, ((), ("rgb",), ("ni",), ("ti",), ("rgb", "ni"),
                              ("rgb", "ti"), ("ni", "ti")))
 
@@ -106,13 +109,13 @@ class ConfigTest(parameterized.TestCase):
       ("all", "", r"config\.eval\.missing_in must be"))
   def test_errors_name_the_field(self, missing, missing_in, message):
     with self.assertRaisesRegex(ValueError, message):
-      train.missing_sets(self._config(missing, missing_in))
+      extract.missing_sets(self._config(missing, missing_in))
 
   def test_training_refuses_the_sweep_before_anything_is_written(self):
     workdir = os.path.join(absltest.get_default_test_tmpdir(), "refused")
     with self.assertRaisesRegex(ValueError,
                                 r"config\.eval\.missing='all'.*--mode eval"):
-      train.train_and_evaluate(self._config("all"), workdir)
+      loop.train_and_evaluate(self._config("all"), workdir)
     self.assertFalse(os.path.exists(workdir))
 
   def test_old_config_files_read_as_none(self):
@@ -143,12 +146,12 @@ class SweepTest(absltest.TestCase):
     shutil.rmtree(cls.workdir, ignore_errors=True)
     config = cls._config()
     config.checkpoint_every_steps = 4  # One save: only the last is restored.
-    train.train_and_evaluate(config, cls.workdir)
+    loop.train_and_evaluate(config, cls.workdir)
     with open(os.path.join(cls.workdir, "eval_results.json")) as f:
       cls.trained = json.load(f)
     config = cls._config()
     config.eval.missing = "all"
-    cls.sweep = train.evaluate_checkpoint(config, cls.workdir)
+    cls.sweep = evaluate.evaluate_checkpoint(config, cls.workdir)
 
   @classmethod
   def _config(cls):
@@ -185,8 +188,8 @@ class SweepTest(absltest.TestCase):
     with open(os.path.join(self.workdir, "eval_results.json")) as f:
       self.assertEqual(json.load(f), none)
     for row in self.sweep["rows"][1:]:
-      path = os.path.join(self.workdir, train.results_file(
-          "test", train.parse_missing(row["missing"]), "both"))
+      path = os.path.join(self.workdir, evaluate.results_file(
+          "test", extract.parse_missing(row["missing"]), "both"))
       with open(path) as f:
         self.assertEqual(json.load(f), row)
       self.assertEqual(row["missing_in"], "both")
@@ -198,12 +201,12 @@ class SweepTest(absltest.TestCase):
     config = self._config()
     config.eval.missing = "rgb"
     config.eval.missing_in = "query"
-    model, state, sharding = train.restore_for_eval(config, self.workdir)
+    model, state, sharding = train_state.restore_for_eval(config, self.workdir)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    embed_fn = train.embedding_function(config, model, sharding)
-    full = train.extract(config, model, variables, "query", sharding,
+    embed_fn = extract.embedding_function(config, model, sharding)
+    full = extract.extract(config, model, variables, "query", sharding,
                          embed_fn=embed_fn)
-    blank = train.extract(config, model, variables, "query", sharding,
+    blank = extract.extract(config, model, variables, "query", sharding,
                           missing=("rgb",), embed_fn=embed_fn)
     # The real labels define the subsets; the fed ones lost RGB's delta.
     np.testing.assert_array_equal(blank["flare"], full["flare"])
@@ -214,9 +217,9 @@ class SweepTest(absltest.TestCase):
     np.testing.assert_array_equal(full["flare_input"], full["flare"])
     self.assertGreater(np.abs(blank["embedding"] - full["embedding"]).max(),
                        1e-3)
-    results = train.evaluate(config, self.workdir, model, state, sharding)
+    results = evaluate.evaluate(config, self.workdir, model, state, sharding)
     path = os.path.join(self.workdir, "eval_results_missing-rgb_query.json")
-    self.assertEqual(train.results_path(config, self.workdir), path)
+    self.assertEqual(evaluate.results_path(config, self.workdir), path)
     with open(path) as f:
       saved = json.load(f)
     self.assertEqual((saved["missing"], saved["missing_in"]),
@@ -233,10 +236,10 @@ class SweepTest(absltest.TestCase):
   def test_rendered_flare_on_the_query(self):
     config = self._config()
     config.eval.rendered_flare = "query"
-    results = train.evaluate_checkpoint(config, self.workdir)
+    results = evaluate.evaluate_checkpoint(config, self.workdir)
     path = os.path.join(self.workdir,
                         "eval_results_rendered-flare-query.json")
-    self.assertEqual(train.results_path(config, self.workdir), path)
+    self.assertEqual(evaluate.results_path(config, self.workdir), path)
     with open(path) as f:
       saved = json.load(f)
     self.assertEqual(saved, json.loads(json.dumps(results)))
@@ -250,9 +253,9 @@ class SweepTest(absltest.TestCase):
     with open(os.path.join(self.workdir, "eval_results.json")) as f:
       self.assertEqual(json.load(f)["rendered_flare"], "none")
     # What the query side was fed: rendered labels; the gallery as it is.
-    model, state, sharding = train.restore_for_eval(config, self.workdir)
+    model, state, sharding = train_state.restore_for_eval(config, self.workdir)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    query = train.extract(config, model, variables, "query", sharding,
+    query = extract.extract(config, model, variables, "query", sharding,
                           render=True)
     self.assertGreater(np.sum(query["flare_input"]),
                        np.sum(query["flare"]))
@@ -261,8 +264,8 @@ class SweepTest(absltest.TestCase):
                                   query["flare_input"])
     # Only the query was rendered: the same ranking against the gallery as
     # it is.
-    gallery = train.extract(config, model, variables, "gallery", sharding)
-    self.assertAlmostEqual(train.rank(config, query, gallery)["mAP"],
+    gallery = extract.extract(config, model, variables, "gallery", sharding)
+    self.assertAlmostEqual(evaluate.rank(config, query, gallery)["mAP"],
                            saved["mAP"], places=6)
 
 

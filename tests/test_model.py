@@ -256,11 +256,6 @@ class FCEGatingTest(absltest.TestCase):
                                               jnp.array([1., 0.]))
     np.testing.assert_array_equal(out[0, 0, 0], [5., 1., 5., 1.])
     np.testing.assert_array_equal(out[1, 0, 0], [-1., -1., -1., -1.])
-    # fce_fill="add": the stream's own features stay where TI is added.
-    added = facenet_lib.flare_aware_enhancement(
-        f_self, f_guide, mask, enhanced, jnp.array([1., 0.]), keep_self=True)
-    np.testing.assert_array_equal(added[0, 0, 0], [6., 1., 6., 1.])
-    np.testing.assert_array_equal(added[1, 0, 0], [-1., -1., -1., -1.])
 
 
 class MaskSupervisionTest(parameterized.TestCase):
@@ -329,11 +324,10 @@ class MaskSupervisionTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "3x3"):
       facenet_lib.pool_to_grid(x, (3, 3))
 
-  @parameterized.parameters("topk", "lse", "max", "mean")
-  def test_pooling_of_a_constant_map_is_the_constant(self, pooling):
+  def test_pooling_of_a_constant_map_is_the_constant(self):
     maps = jnp.full((2, 4, 3, 5), 1.5)
     np.testing.assert_allclose(
-        facenet_lib.pool_positions(maps, pooling, 0.25), np.full((2, 5), 1.5),
+        facenet_lib.pool_positions(maps, 0.25), np.full((2, 5), 1.5),
         rtol=1e-6)
 
   def test_topk_pooling_averages_the_highest_positions_per_channel(self):
@@ -341,11 +335,10 @@ class MaskSupervisionTest(parameterized.TestCase):
     maps = jnp.stack([jnp.arange(8.0), -jnp.arange(8.0)], -1).reshape(
         1, 4, 2, 2)
     np.testing.assert_allclose(
-        facenet_lib.pool_positions(maps, "topk", 0.25), [[6.5, -0.5]])
+        facenet_lib.pool_positions(maps, 0.25), [[6.5, -0.5]])
+    # The whole map: the plain mean.
     np.testing.assert_allclose(
-        facenet_lib.pool_positions(maps, "max", 0.25), [[7.0, 0.0]])
-    np.testing.assert_allclose(
-        facenet_lib.pool_positions(maps, "mean", 0.25), [[3.5, -3.5]])
+        facenet_lib.pool_positions(maps, 1.0), [[3.5, -3.5]])
 
   def test_flare_maps_are_the_mask_margins(self):
     model, variables = _tiny_variables()
@@ -355,7 +348,7 @@ class MaskSupervisionTest(parameterized.TestCase):
     np.testing.assert_array_equal(out.masks["rgb"],
                                   (out.flare_maps["rgb"] > 0).astype(
                                       np.float32))
-    pooled = facenet_lib.pool_positions(out.flare_maps["rgb"], "topk", 0.25)
+    pooled = facenet_lib.pool_positions(out.flare_maps["rgb"], 0.25)
     np.testing.assert_allclose(out.flare_logits["rgb"], pooled, rtol=1e-6)
 
   def test_unknown_smp_raises(self):
@@ -365,39 +358,6 @@ class MaskSupervisionTest(parameterized.TestCase):
 
 
 class FCEOptionsTest(absltest.TestCase):
-
-  def test_weighted_pooling_leaves_out_zero_weight_positions(self):
-    x = jnp.arange(8.).reshape(1, 2, 2, 2)
-    weights = jnp.array([1., 0., 1., 0., 0., 0., 0., 0.]).reshape(1, 2, 2, 2)
-    # Channel 0 averages positions (0, 0) and (0, 1): 0 and 2; channel 1 has
-    # no weight left and falls back to the plain mean of 1, 3, 5, 7.
-    np.testing.assert_allclose(facenet_lib.weighted_mean(x, weights),
-                               [[1.0, 4.0]])
-    np.testing.assert_allclose(
-        facenet_lib.weighted_mean(x, jnp.ones_like(x)), [[3.0, 4.0]])
-
-  def test_fill_none_pools_only_unmasked_positions_of_flare_samples(self):
-    images = _images(jax.random.key(9), 2)
-    flare = jnp.array([[1., 1.], [0., 0.]])
-    model, variables = _tiny_variables(fce_fill="none", fce_clean="identity")
-    self.assertNotIn("rgb_fce_projection", variables["params"])
-    out = model.apply(variables, images, flare)
-    self.assertEqual(dict(out.fce_guides), {})
-    baseline_model = FACENet(num_classes=7, use_mfmp=False, use_fce=False,
-                             **TINY)
-    params = {k: v for k, v in variables["params"].items()
-              if k.endswith(("_backbone", "_head"))}
-    stats = {k: v for k, v in variables["batch_stats"].items()
-             if k.endswith(("_backbone", "_head"))}
-    plain = baseline_model.apply({"params": params, "batch_stats": stats},
-                                 images, flare)
-    # The clean sample and the TI stream are pooled as in the baseline.
-    np.testing.assert_allclose(out.features["rgb"][1], plain.features["rgb"][1],
-                               rtol=1e-5)
-    np.testing.assert_allclose(out.features["ti"], plain.features["ti"],
-                               rtol=1e-5)
-    with self.assertRaisesRegex(ValueError, "fce_fill"):
-      _tiny_variables(fce_fill="none", plug_stage=3)
 
   def test_identity_initialised_projection_equals_the_paper_at_init(self):
     images = _images(jax.random.key(8), 2)
@@ -429,20 +389,17 @@ class FCEOptionsTest(absltest.TestCase):
     # The target is fixed.
     self.assertEqual(_abs_sum(grads["rgb_backbone"]), 0.0)
 
-  def test_guide_gradient_switch_keeps_rgb_losses_out_of_the_ti_stream(self):
+  def test_rgb_losses_reach_the_ti_stream_through_the_pasted_map(self):
     images = _images(jax.random.key(13), 4)
     flare = jnp.ones((4, 2))
     # The RGB features of flare samples, which FCE filled with f_T where the
-    # mask is on (about half of a random model's map).
+    # mask is on (about half of a random model's map): the paper's FCE
+    # passes their gradient on to the TI stream and the projection.
     objective = lambda out: jnp.sum(out.features["rgb"] ** 2)
-    grads = {}
-    for switch in (True, False):
-      model, variables = _tiny_variables(fce_projection=True,
-                                         fce_guide_gradient=switch)
-      grads[switch] = _train_grads(model, variables, images, flare, objective)
-    self.assertGreater(_abs_sum(grads[True]["ti_backbone"]), 0.0)
-    self.assertEqual(_abs_sum(grads[False]["ti_backbone"]), 0.0)
-    self.assertGreater(_abs_sum(grads[False]["rgb_fce_projection"]), 0.0)
+    model, variables = _tiny_variables(fce_projection=True)
+    grads = _train_grads(model, variables, images, flare, objective)
+    self.assertGreater(_abs_sum(grads["ti_backbone"]), 0.0)
+    self.assertGreater(_abs_sum(grads["rgb_fce_projection"]), 0.0)
 
   def test_mask_gradient_switch_stops_identity_gradient_at_the_mask(self):
     images = _images(jax.random.key(12), 4)
@@ -462,51 +419,6 @@ class FCEOptionsTest(absltest.TestCase):
     self.assertEqual(mask_kernel(without), 0.0)
     self.assertEqual(float(without["rgb_mask"]["threshold"]), 0.0)
 
-  def test_raw_head_pools_the_map_before_fce_and_leaves_the_embedding(self):
-    images = _images(jax.random.key(14), 4)
-    flare = jnp.ones((4, 2))
-    model, variables = _tiny_variables(fce_clean="identity")
-    raw_model, raw_variables = _tiny_variables(fce_clean="identity",
-                                               raw_head=True)
-    self.assertIn("rgb_raw_head", raw_variables["params"])
-    self.assertNotIn("ti_raw_head", raw_variables["params"])
-    shared = {**raw_variables["params"], **variables["params"]}
-    out = model.apply(variables, images, flare)
-    raw = raw_model.apply({**raw_variables, "params": shared}, images, flare)
-    np.testing.assert_allclose(raw.embedding, out.embedding, rtol=1e-5,
-                               atol=1e-6)
-    for m in ("rgb", "ni"):
-      np.testing.assert_allclose(
-          raw.raw_features[m], jnp.mean(raw.plug_features[m], axis=(1, 2)),
-          rtol=1e-5, atol=1e-6)
-    # FCE changed the flare samples' features, and the raw head's are not
-    # those the stream's own head pools.
-    self.assertGreater(float(jnp.abs(raw.raw_features["rgb"] -
-                                     raw.features["rgb"]).max()), 1e-4)
-    self.assertEqual(dict(out.raw_logits), {})
-
-    # The raw CE trains the RGB stream where FCE pasted f_T, and only the raw
-    # head, not the stream's own one.
-    labels = jnp.array([0, 1, 0, 1])
-    cfg = losses.LossConfig(flare_weight=0.0, fce_raw_weight=1.0,
-                            modality="none")
-
-    def objective(o):
-      total, terms = losses.total_loss(
-          {}, {}, {}, labels, flare, cfg, raw_logits=o.raw_logits,
-          raw_features=o.raw_features)
-      self.assertIn("ce_raw_rgb", terms)
-      self.assertIn("triplet_raw_ni", terms)
-      return total
-
-    grads = _train_grads(raw_model, raw_variables, images, flare, objective)
-    self.assertGreater(_abs_sum(grads["rgb_backbone"]), 0.0)
-    self.assertGreater(_abs_sum(grads["rgb_raw_head"]), 0.0)
-    self.assertEqual(_abs_sum(grads["rgb_head"]), 0.0)
-    self.assertEqual(_abs_sum(grads["ti_backbone"]), 0.0)
-    with self.assertRaisesRegex(ValueError, "fce_raw_weight"):
-      _tiny_variables(raw_head=True, plug_stage=3)
-
   def test_clean_identity_passes_features_unchanged(self):
     images = _images(jax.random.key(9), 2)
     flare = jnp.zeros((2, 2))
@@ -520,20 +432,6 @@ class FCEOptionsTest(absltest.TestCase):
     ref = base.apply({"params": params, "batch_stats": stats}, images, flare)
     np.testing.assert_allclose(out.embedding, ref.embedding, rtol=1e-5,
                                atol=1e-6)
-
-  def test_soft_inference_mask_differs_only_at_evaluation(self):
-    images = _images(jax.random.key(10), 2)
-    flare = jnp.ones((2, 2))
-    hard, variables = _tiny_variables()
-    soft = FACENet(num_classes=7, fce_inference_mask="soft", **TINY)
-    hard_eval = hard.apply(variables, images, flare).embedding
-    soft_eval = soft.apply(variables, images, flare).embedding
-    self.assertFalse(np.allclose(hard_eval, soft_eval))
-    hard_train = hard.apply(variables, images, flare, train=True,
-                            mutable=["batch_stats"])[0].embedding
-    soft_train = soft.apply(variables, images, flare, train=True,
-                            mutable=["batch_stats"])[0].embedding
-    np.testing.assert_array_equal(hard_train, soft_train)
 
 
 class StraightThroughTest(absltest.TestCase):

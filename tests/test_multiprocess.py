@@ -17,7 +17,7 @@ from absl.testing import absltest
 import jax
 import numpy as np
 
-from facenet_jax import train
+from facenet_jax.train import mesh
 
 sys.path.insert(0, os.path.dirname(__file__))
 import multiprocess_worker  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -37,7 +37,7 @@ class MultiProcessTest(absltest.TestCase):
   def test_two_processes_match_one(self):
     config = multiprocess_worker.worker_config()
     reference = multiprocess_worker.two_steps(
-        config, train.Sharding.create(jax.devices()[:8]),
+        config, mesh.Sharding.create(jax.devices()[:8]),
         multiprocess_worker.make_batches(config))
 
     output = os.path.join(tempfile.mkdtemp(), "result.json")

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 
 from configs import tiny
 import dataset_fixtures as fx
-from facenet_jax import train
+from facenet_jax.train import feed
 from input_pipeline import pipeline
 from input_pipeline.datasets import features
 from input_pipeline.datasets import layout
@@ -93,9 +93,9 @@ def test_no_val_splits_of_their_own_but_carved_from_train(built):
   config.data_dir = str(pathlib.Path(builder.data_dir).parents[2])
   config.eval.split = "val"
   with pytest.raises(pipeline.MissingSplitError, match="config.val_ids"):
-    train.split_data(config, "val_query")
+    feed.split_data(config, "val_query")
   config.val_ids = 1
-  carved = {s: train.split_data(config, s)
+  carved = {s: feed.split_data(config, s)
             for s in ("train", "val_query", "val_gallery")}
   train_pids = {s.pid for s in samples if s.split == "train"}
   held = set(carved["val_query"].pid.tolist())

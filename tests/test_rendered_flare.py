@@ -12,7 +12,11 @@ import numpy as np
 
 from configs import tiny
 from facenet_jax import flare_render
-from facenet_jax import train
+from facenet_jax.train import evaluate
+from facenet_jax.train import extract
+from facenet_jax.train import feed
+from facenet_jax.train import loop
+from facenet_jax.train import mesh
 from facenet_jax.constants import MODALITIES
 
 
@@ -28,7 +32,7 @@ def _raw_batch(indices, seed=0):
 
 
 def _normalised(config, raw, indices):
-  mean, std = train.normalization(config)
+  mean, std = feed.normalization(config)
   batch = {m: (raw[m] - mean[i]) / std[i] for i, m in enumerate(MODALITIES)}
   batch["flare"] = np.zeros((len(indices), 2), np.float32)
   batch["index"] = np.asarray(indices, np.int32)
@@ -36,7 +40,7 @@ def _normalised(config, raw, indices):
 
 
 def _raw_of(config, batch):
-  mean, std = train.normalization(config)
+  mean, std = feed.normalization(config)
   return {m: np.asarray(batch[m]) * std[i] + mean[i]
           for i, m in enumerate(MODALITIES)}
 
@@ -46,8 +50,8 @@ class RenderTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
     self.config = tiny.get_config()
-    self.key = train.render_key(self.config, "query")
-    self.render = jax.jit(lambda b, k: train.render_eval_flare(
+    self.key = extract.render_key(self.config, "query")
+    self.render = jax.jit(lambda b, k: extract.render_eval_flare(
         b, k, self.config))
 
   def test_only_brightens_rgb_and_ni_and_relabels(self):
@@ -85,12 +89,12 @@ class RenderTest(absltest.TestCase):
     self.assertGreater(np.abs(light[1] - light[3]).max(), 0.05)
 
   def test_query_and_gallery_and_seeds_draw_apart(self):
-    keys = {train.render_key(self.config, s).tobytes()
+    keys = {extract.render_key(self.config, s).tobytes()
             for s in ("query", "gallery", "val_query")}
     self.assertLen(keys, 2)  # val_query renders like query
     other = tiny.get_config()
     other.eval.rendered_flare_seed = 1
-    self.assertNotEqual(train.render_key(other, "query").tobytes(),
+    self.assertNotEqual(extract.render_key(other, "query").tobytes(),
                         self.key.tobytes())
 
 
@@ -116,30 +120,30 @@ class ConfigTest(absltest.TestCase):
 
   def test_sides_and_error(self):
     config = tiny.get_config()
-    self.assertEqual(train.rendered_flare_side(config), "none")
+    self.assertEqual(extract.rendered_flare_side(config), "none")
     for side in ("query", "gallery", "both"):
       config.eval.rendered_flare = side
-      self.assertEqual(train.rendered_flare_side(config), side)
+      self.assertEqual(extract.rendered_flare_side(config), side)
     config.eval.rendered_flare = "queries"
     with self.assertRaisesRegex(
         ValueError, r"config\.eval\.rendered_flare must be one of \('none', "
         r"'query', 'gallery', 'both'\).*'queries'"):
-      train.rendered_flare_side(config)
+      extract.rendered_flare_side(config)
     workdir = os.path.join(absltest.get_default_test_tmpdir(), "no_render")
     with self.assertRaisesRegex(ValueError, r"config\.eval\.rendered_flare"):
-      train.train_and_evaluate(config, workdir)
+      loop.train_and_evaluate(config, workdir)
     self.assertFalse(os.path.exists(workdir))
 
   def test_extract_refuses_an_embed_fn_of_the_other_render(self):
     config = tiny.get_config()
-    sharding = train.Sharding.create()
+    sharding = mesh.Sharding.create()
     for built, asked in ((False, True), (True, False)):
-      embed_fn = train.embedding_function(config, None, sharding,
+      embed_fn = extract.embedding_function(config, None, sharding,
                                           render=built)
       with self.assertRaisesRegex(
           ValueError, rf"extract\(render={asked}\) was given an embed_fn "
           rf"built with render={built}"):
-        train.extract(config, None, None, "query", sharding,
+        extract.extract(config, None, None, "query", sharding,
                       embed_fn=embed_fn, render=asked)
 
   def test_clahe_is_refused(self):
@@ -148,35 +152,35 @@ class ConfigTest(absltest.TestCase):
     config.preprocess.clahe = True
     with self.assertRaisesRegex(ValueError, r"rendered_flare='gallery' with "
                                 r"preprocess\.clahe"):
-      train.rendered_flare_side(config)
+      extract.rendered_flare_side(config)
 
   def test_sweep_files_and_title_name_the_rendered_side(self):
     config = tiny.get_config()
     config.eval.missing = "all"
     config.eval.rendered_flare = "both"
     config.eval.split = "val"
-    self.assertEqual(train.results_path(config, "/w"),
+    self.assertEqual(evaluate.results_path(config, "/w"),
                      "/w/missing_modality_rendered-flare-both_val.md")
     config.eval.missing_in = "query"
     config.eval.rendered_flare = "none"
-    self.assertEqual(train.results_path(config, "/w"),
+    self.assertEqual(evaluate.results_path(config, "/w"),
                      "/w/missing_modality_query_val.md")
     row = {"missing": "none", "mAP": 0.5, "rank1": 0.5, "rank5": 0.5,
            "rank10": 0.5, "flare": {"mAP": 0.5}, "clean": {"mAP": 0.5}}
     sweep = {"missing_in": "both", "dataset": "d", "split": "val", "step": 1,
              "rows": [row]}
-    self.assertNotIn("rendered", train.missing_modality_table(sweep))
+    self.assertNotIn("rendered", evaluate.missing_modality_table(sweep))
     sweep["rendered_flare"] = "query"
     self.assertIn("blanked in the query and the gallery, with a rendered "
-                  "flare on the query:", train.missing_modality_table(sweep))
+                  "flare on the query:", evaluate.missing_modality_table(sweep))
 
   def test_results_file_names(self):
-    self.assertEqual(train.results_file("test", rendered="query"),
+    self.assertEqual(evaluate.results_file("test", rendered="query"),
                      "eval_results_rendered-flare-query.json")
-    self.assertEqual(train.results_file("val", ("ti",), "both", "gallery"),
+    self.assertEqual(evaluate.results_file("val", ("ti",), "both", "gallery"),
                      "eval_results_missing-ti_both_rendered-flare-gallery_"
                      "val.json")
-    self.assertEqual(train.results_file("val"), "eval_results_val.json")
+    self.assertEqual(evaluate.results_file("val"), "eval_results_val.json")
 
 
 if __name__ == "__main__":

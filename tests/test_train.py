@@ -13,7 +13,12 @@ import optax
 
 from configs import tiny
 from facenet_jax import checkpointing
-from facenet_jax import train
+from facenet_jax.train import build
+from facenet_jax.train import feed
+from facenet_jax.train import loop
+from facenet_jax.train import mesh
+from facenet_jax.train import steps
+from facenet_jax.train import train_state
 from facenet_jax.constants import MODALITIES
 
 
@@ -39,14 +44,14 @@ class LossConfigTest(absltest.TestCase):
     config = tiny.get_config()
     config.preprocess.clahe = True
     with self.assertRaisesRegex(ValueError, "preprocess.clahe"):
-      train.loss_config(config)
+      build.loss_config(config)
     config.loss.flare_pixel_weight = 0.0
-    train.loss_config(config)
+    build.loss_config(config)
     config.model.fce_projection = False
     with self.assertRaisesRegex(ValueError, "fce_projection"):
-      train.loss_config(config)
+      build.loss_config(config)
     config.loss.fce_consistency_weight = 0.0
-    self.assertEqual(train.loss_config(config).flare_pixel_weight, 0.0)
+    self.assertEqual(build.loss_config(config).flare_pixel_weight, 0.0)
 
 
 class DataParallelTest(absltest.TestCase):
@@ -55,25 +60,25 @@ class DataParallelTest(absltest.TestCase):
     self.assertGreaterEqual(jax.device_count(), 8)
     config = tiny.get_config()
     config.ids_per_batch, config.instances_per_id = 4, 2
-    model = train.build_model(config, num_classes=4)
-    schedule = train.learning_rate_schedule(config, steps_per_epoch=10)
+    model = build.build_model(config, num_classes=4)
+    schedule = build.learning_rate_schedule(config, steps_per_epoch=10)
     # Plain SGD with a small step: Adam divides by sqrt(v), which turns float32
     # rounding noise in near-zero gradients into +-lr parameter differences,
     # and a large SGD step makes step 2 chaotic (ReLU/max-pool/hardest-triplet
     # choices flip). Either would hide the gradient comparison tested here.
     optimizer = optax.sgd(1e-3)
-    init = functools.partial(train.create_state, model, optimizer,
+    init = functools.partial(train_state.create_state, model, optimizer,
                              tuple(config.input_size))
     rng = np.random.default_rng(0)
     batches = [_batch(rng, config) for _ in range(2)]
 
     results = {}
     for n in (1, 8):
-      sharding = train.Sharding.create(jax.devices()[:n])
+      sharding = mesh.Sharding.create(jax.devices()[:n])
       state = jax.jit(init, out_shardings=sharding.replicated)(
           jax.random.key(0))
-      step = train.compile_train_step(model, optimizer,
-                                      train.loss_config(config), schedule,
+      step = steps.compile_train_step(model, optimizer,
+                                      build.loss_config(config), schedule,
                                       sharding)
       losses = []
       for local in batches:
@@ -102,7 +107,7 @@ class ScheduleTest(absltest.TestCase):
     config = tiny.get_config()
     config.num_train_steps = -1
     config.num_epochs = 120
-    schedule = train.learning_rate_schedule(config, steps_per_epoch=10)
+    schedule = build.learning_rate_schedule(config, steps_per_epoch=10)
     lr = config.optimizer.learning_rate
     self.assertAlmostEqual(float(schedule(399)), lr)
     self.assertAlmostEqual(float(schedule(401)), lr * 0.1, places=9)
@@ -112,7 +117,7 @@ class ScheduleTest(absltest.TestCase):
     config = tiny.get_config()
     config.num_train_steps = 120
     config.num_epochs = 120
-    schedule = train.learning_rate_schedule(config, steps_per_epoch=50)
+    schedule = build.learning_rate_schedule(config, steps_per_epoch=50)
     lr = config.optimizer.learning_rate
     self.assertAlmostEqual(float(schedule(39)), lr)
     self.assertAlmostEqual(float(schedule(41)), lr * 0.1, places=9)
@@ -123,7 +128,7 @@ class ScheduleTest(absltest.TestCase):
     config.optimizer.warmup_epochs = 1
     config.num_train_steps = 100
     config.num_epochs = 10
-    schedule = train.learning_rate_schedule(config, steps_per_epoch=10)
+    schedule = build.learning_rate_schedule(config, steps_per_epoch=10)
     self.assertLess(float(schedule(0)), 1e-9)
     self.assertGreater(float(schedule(10)), float(schedule(90)))
 
@@ -131,29 +136,29 @@ class ScheduleTest(absltest.TestCase):
     config = tiny.get_config()
     config.optimizer.schedule = "linear"
     with self.assertRaisesRegex(ValueError, "optimizer.schedule"):
-      train.learning_rate_schedule(config, steps_per_epoch=10)
+      build.learning_rate_schedule(config, steps_per_epoch=10)
 
 
 class NonFiniteTest(absltest.TestCase):
 
   def test_nan_loss_stops_with_message(self):
     writer = _ListWriter()
-    train._write_metrics(writer, 10, [{"train/loss": np.float32(2.0)}])
+    loop._write_metrics(writer, 10, [{"train/loss": np.float32(2.0)}])
     self.assertEqual(writer.rows, [(10, {"train/loss": 2.0})])
-    with self.assertRaisesRegex(train.NonFiniteLossError,
+    with self.assertRaisesRegex(loop.NonFiniteLossError,
                                 "non-finite by step 20"):
-      train._write_metrics(writer, 20, [{"train/loss": np.float32(1.0)},
+      loop._write_metrics(writer, 20, [{"train/loss": np.float32(1.0)},
                                         {"train/loss": np.float32(np.nan)}])
     self.assertLen(writer.rows, 1)  # Nothing written for the bad interval.
 
   def test_non_finite_parameters_are_not_saved(self):
-    state = train.TrainState(step=np.int32(5),
+    state = train_state.TrainState(step=np.int32(5),
                              params={"w": np.array([1.0, np.inf])},
                              batch_stats={}, opt_state=())
-    with self.assertRaisesRegex(train.NonFiniteLossError,
+    with self.assertRaisesRegex(loop.NonFiniteLossError,
                                 "last good checkpoint \\(step 4\\)"):
-      train._check_finite(state, 5, 4, "/tmp/ckpt")
-    train._check_finite(state.replace(params={"w": np.ones(2)}), 5, 4,
+      loop._check_finite(state, 5, 4, "/tmp/ckpt")
+    loop._check_finite(state.replace(params={"w": np.ones(2)}), 5, 4,
                         "/tmp/ckpt")
 
 
@@ -169,20 +174,20 @@ class _ListWriter:
 class ConfigMappingTest(absltest.TestCase):
 
   def test_backbone_names(self):
-    self.assertEqual(train.parse_depth("resnet101"), 101)
+    self.assertEqual(build.parse_depth("resnet101"), 101)
     with self.assertRaisesRegex(ValueError, "model.backbone"):
-      train.parse_depth("vit_base")
+      build.parse_depth("vit_base")
 
   def test_unknown_loss_field(self):
     config = tiny.get_config()
     config.loss.tripplet_weight = 1.0
     with self.assertRaisesRegex(ValueError, "tripplet_weight"):
-      train.loss_config(config)
+      build.loss_config(config)
 
   def test_weight_decay_only_on_kernels(self):
     config = tiny.get_config()
-    optimizer = train.build_optimizer(
-        config, train.learning_rate_schedule(config, 10))
+    optimizer = build.build_optimizer(
+        config, build.learning_rate_schedule(config, 10))
     params = {"kernel": np.ones((2, 2), np.float32),
               "scale": np.ones((2,), np.float32),
               "threshold": np.ones((), np.float32)}
@@ -251,19 +256,6 @@ class EnvironmentRecordTest(absltest.TestCase):
     self.assertIsNone(checkpointing.record_environment(
         workdir, has_state=True)["environment"])
 
-  def test_raw_weight_without_fce_is_refused(self):
-    config = tiny.get_config()
-    config.loss.fce_raw_weight = 1.0
-    config.model.use_fce = False
-    with self.assertRaisesRegex(ValueError, "loss.fce_raw_weight"):
-      train.loss_config(config)
-    config.model.use_fce = True
-    self.assertEqual(train.loss_config(config).fce_raw_weight, 1.0)
-    # The console's model line names the extra loss only when it acts.
-    self.assertIn("+ CE/triplet before FCE", train._model_summary(config))
-    config.loss.fce_raw_weight = 0.0
-    self.assertNotIn("before FCE", train._model_summary(config))
-
 
 class OlderRunDirectoryTest(absltest.TestCase):
 
@@ -301,9 +293,8 @@ class OlderRunDirectoryTest(absltest.TestCase):
 
   def test_config_json_before_the_mask_rework_reads_as_its_first_reading(self):
     config = tiny.get_config()
-    fields = ("smp", "smp_pooling", "smp_topk_fraction", "mask_detach",
-              "fce_projection", "fce_clean", "fce_inference_mask",
-              "fce_mask_gradient")
+    fields = ("smp", "smp_topk_fraction", "mask_detach", "fce_projection",
+              "fce_clean", "fce_mask_gradient")
 
     def before_mask_rework(saved):
       for name in fields:
@@ -338,9 +329,9 @@ class EvalSplitConfigTest(absltest.TestCase):
 
   def test_split_names_and_file_names(self):
     config = tiny.get_config()
-    self.assertEqual(train.eval_splits(config), ("query", "gallery"))
+    self.assertEqual(feed.eval_splits(config), ("query", "gallery"))
     config.eval.split = "val"
-    self.assertEqual(train.eval_splits(config), ("val_query", "val_gallery"))
+    self.assertEqual(feed.eval_splits(config), ("val_query", "val_gallery"))
     self.assertEqual(checkpointing.split_file("eval_results.json", "test"),
                      "eval_results.json")
     self.assertEqual(checkpointing.split_file("eval_results.json", "val"),
@@ -351,19 +342,19 @@ class EvalSplitConfigTest(absltest.TestCase):
     config.eval.split = "dev"
     with self.assertRaisesRegex(ValueError,
                                 "config.eval.split must be one of.*'dev'"):
-      train.eval_splits(config)
+      feed.eval_splits(config)
     for bad in (-1, True):
       config = tiny.get_config()
       config.val_ids = bad
       with self.assertRaisesRegex(ValueError, "config.val_ids"):
-        train.val_ids(config)
+        feed.val_ids(config)
 
 
 class InputTest(absltest.TestCase):
 
   def test_device_prefetch_keeps_order_and_raises_where_it_failed(self):
     for size in (0, 1, 3):
-      out = list(train.device_prefetch(iter(range(7)), lambda x: 10 * x, size))
+      out = list(feed.device_prefetch(iter(range(7)), lambda x: 10 * x, size))
       self.assertEqual(out, [10 * x for x in range(7)])
 
     def failing():
@@ -373,7 +364,7 @@ class InputTest(absltest.TestCase):
     for size in (0, 2):
       got = []
       with self.assertRaisesRegex(OSError, "disk gone"):
-        for x in train.device_prefetch(failing(), lambda x: x, size):
+        for x in feed.device_prefetch(failing(), lambda x: x, size):
           got.append(x)
       self.assertEqual(got, [1, 2])
 
@@ -386,7 +377,7 @@ class InputTest(absltest.TestCase):
         drawn.append(i)
         yield i
         i += 1
-    batches = train.device_prefetch(endless(), lambda x: x, 2)
+    batches = feed.device_prefetch(endless(), lambda x: x, 2)
     self.assertEqual([next(batches) for _ in range(3)], [0, 1, 2])
     batches.close()
     time.sleep(0.5)
@@ -398,11 +389,11 @@ class InputTest(absltest.TestCase):
 
   def test_input_threads(self):
     config = tiny.get_config()
-    self.assertEqual(train.input_threads(config), 1)  # The CPU backend.
+    self.assertEqual(feed.input_threads(config), 1)  # The CPU backend.
     config.input.threads = 0
-    self.assertEqual(train.input_threads(config), 0)
+    self.assertEqual(feed.input_threads(config), 0)
     config.input.threads = 3
-    self.assertEqual(train.input_threads(config), 3)
+    self.assertEqual(feed.input_threads(config), 3)
 
   def test_bad_input_fields_are_named(self):
     for field, value in (("cache", "disk"), ("cache_max_gb", -1.0),
@@ -410,7 +401,7 @@ class InputTest(absltest.TestCase):
       config = tiny.get_config()
       config.input[field] = value
       with self.assertRaisesRegex(ValueError, f"config.input.{field}"):
-        train.training_cache(config, None, False)
+        feed.check_config(config, mesh.Sharding.create())
 
 
 if __name__ == "__main__":

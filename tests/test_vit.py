@@ -28,7 +28,9 @@ from configs import tiny
 from facenet_jax import checkpointing
 from facenet_jax import losses
 from facenet_jax import pretrained
-from facenet_jax import train
+from facenet_jax.train import build
+from facenet_jax.train import loop
+from facenet_jax.train import train_state
 from facenet_jax.constants import MODALITIES
 from facenet_jax.models import FACENet
 from facenet_jax.models import backbones
@@ -208,7 +210,7 @@ class RegistryTest(absltest.TestCase):
 
   def test_unknown_backbone_is_a_clear_error(self):
     for call in (lambda: backbones.info("vgg16"),
-                 lambda: train.parse_depth("vgg16")):
+                 lambda: build.parse_depth("vgg16")):
       with self.assertRaisesRegex(
           ValueError, r"model.backbone: expected one of resnet18, .*vit_b16, "
           r"transreid_b16, vit_micro8; got 'vgg16'"):
@@ -216,10 +218,10 @@ class RegistryTest(absltest.TestCase):
     config = tiny.get_config()
     config.model.backbone = "vit_l16"
     with self.assertRaisesRegex(ValueError, "model.backbone: expected"):
-      train.build_model(config, 5)
+      build.build_model(config, 5)
     with self.assertRaisesRegex(ValueError, "expected a ResNet"):
-      train.parse_depth("vit_b16")
-    self.assertEqual(train.parse_depth("resnet101"), 101)
+      build.parse_depth("vit_b16")
+    self.assertEqual(build.parse_depth("resnet101"), 101)
 
   def test_plug_stage_defaults_and_bounds(self):
     self.assertEqual(backbones.resolve_plug_stage("resnet50", 0), 4)
@@ -240,7 +242,7 @@ class RegistryTest(absltest.TestCase):
     config = tiny.get_config()
     config.model.camera_embedding = True
     with self.assertRaisesRegex(ValueError, "number of cameras"):
-      train.build_model(config, 5)
+      build.build_model(config, 5)
 
   def test_plug_stage_zero_matches_a_saved_four(self):
     # A run saved before model.plug_stage = 0 meant "the default" spelled 4.
@@ -285,14 +287,14 @@ class PaperSizeTest(parameterized.TestCase):
   def test_paper_size_config_builds(self):
     from configs import wmveid863_vit  # pylint: disable=g-import-not-at-top
     config = wmveid863_vit.get_config()
-    train.loss_config(config)
-    _, optimizer, abstract = train.abstract_state(config, 603, 100)
+    build.loss_config(config)
+    _, optimizer, abstract = train_state.abstract_state(config, 603, 100)
     self.assertEqual(abstract.params["ti_backbone"]["pos_embed"].shape,
                      (1, 129, 768))
-    model = train.build_model(config, 603)
+    model = build.build_model(config, 603)
     self.assertEqual((model.backbone, model.plug_stage, model.drop_path),
                      ("vit_b16", 11, 0.1))
-    schedule = train.learning_rate_schedule(config, 100)
+    schedule = build.learning_rate_schedule(config, 100)
     self.assertAlmostEqual(float(schedule(0)), 0.003 * 0.01, places=8)
     self.assertAlmostEqual(float(schedule(500)), 0.003, places=7)
     self.assertAlmostEqual(float(schedule(12000)), 0.003 * 0.002, places=8)
@@ -545,7 +547,7 @@ class FACENetOnViTTest(parameterized.TestCase):
     config.model.backbone = "vit_micro8"
     for size in ((128, 64), (64, 32)):
       config.input_size = size
-      self.assertGreater(train.loss_config(config).flare_pixel_weight, 0)
+      self.assertGreater(build.loss_config(config).flare_pixel_weight, 0)
       grid = backbones.info("vit_micro8").plug_grid(size, 3)
       self.assertEqual(grid, (size[0] // 8, size[1] // 8))
       margins = jnp.zeros((2, *grid, 4))
@@ -556,7 +558,7 @@ class FACENetOnViTTest(parameterized.TestCase):
     config.model.backbone = "transreid_b16"
     config.input_size = (256, 128)
     with self.assertRaisesRegex(ValueError, "21x10 grid that does not divide"):
-      train.loss_config(config)
+      build.loss_config(config)
 
 
 class EndToEndTest(absltest.TestCase):
@@ -580,13 +582,13 @@ class EndToEndTest(absltest.TestCase):
     config.num_train_steps = 3
     config.checkpoint_every_steps = 3
     workdir = os.path.join(root, "run")
-    results = train.train_and_evaluate(config, workdir)
+    results = loop.train_and_evaluate(config, workdir)
     self.assertEqual(results["step"], 3)
     self.assertBetween(results["mAP"], 0.0, 1.0)
     with open(os.path.join(workdir, checkpointing.RUN_INFO_FILE)) as f:
       num_cameras = json.load(f)["num_cameras"]
     self.assertGreater(num_cameras, 1)
-    _, state, _ = train.restore_for_eval(config, workdir)
+    _, state, _ = train_state.restore_for_eval(config, workdir)
     stream = state.params["rgb_backbone"]
     self.assertEqual(stream["sie_embed"].shape, (num_cameras, 1, 64))
     self.assertEqual(stream["pos_embed"].shape, (1, 33, 64))

@@ -21,7 +21,9 @@ import numpy as np
 
 from configs import tiny
 from facenet_jax import checkpointing
-from facenet_jax import train
+from facenet_jax import warm_start
+from facenet_jax.train import loop
+from facenet_jax.train import train_state
 import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
 
 STREAMS = ("rgb_backbone", "ni_backbone", "ti_backbone")
@@ -44,7 +46,7 @@ def _init(config, seed: int, num_classes: int = NUM_CLASSES):
   Small enough values to train on: weights ~ N(0, 0.05), BatchNorm scales
   and variances around 1.
   """
-  _, optimizer, abstract = train.abstract_state(config, num_classes,
+  _, optimizer, abstract = train_state.abstract_state(config, num_classes,
                                                 steps_per_epoch=10)
   rng = np.random.default_rng(seed)
 
@@ -54,7 +56,7 @@ def _init(config, seed: int, num_classes: int = NUM_CLASSES):
     return (offset + rng.normal(0.0, 0.05, leaf.shape)).astype(leaf.dtype)
 
   params = jax.tree_util.tree_map_with_path(noise, abstract.params)
-  return optimizer, train.TrainState(
+  return optimizer, train_state.TrainState(
       step=np.zeros((), np.int32), params=params,
       batch_stats=jax.tree_util.tree_map_with_path(noise,
                                                    abstract.batch_stats),
@@ -117,7 +119,7 @@ class WarmStartTest(absltest.TestCase):
     cls.optimizer, cls.fresh = _init(tiny.get_config(), seed=0)
 
   def _warm(self, init_from: str):
-    return train.load_init_from(self.fresh, init_from, self.optimizer)
+    return train_state.load_init_from(self.fresh, init_from, self.optimizer)
 
   def test_same_model_copies_everything_from_the_latest_step(self):
     with self.assertLogs(level="INFO") as logs:
@@ -162,7 +164,7 @@ class WarmStartTest(absltest.TestCase):
                  "batch_stats": self.fresh.batch_stats}
     source = {"params": _SOURCES["baseline_state"].params,
               "batch_stats": _SOURCES["baseline_state"].batch_stats}
-    _, report = checkpointing.copy_matching(variables, source, exact=STREAMS)
+    _, report = warm_start.copy_matching(variables, source, exact=STREAMS)
     self.assertContainsSubset(FACENET_ONLY, report.kept_by_module())
     self.assertNoCommonElements(STREAMS + HEADS, report.kept_by_module())
     self.assertEmpty(report.shape_mismatches)
@@ -173,7 +175,7 @@ class WarmStartTest(absltest.TestCase):
     optimizer, fresh = _init(_baseline(tiny.get_config()), seed=0,
                              num_classes=NUM_CLASSES + 3)
     with self.assertLogs(level="INFO") as logs:
-      state = train.load_init_from(fresh, _SOURCES["baseline"], optimizer)
+      state = train_state.load_init_from(fresh, _SOURCES["baseline"], optimizer)
     np.testing.assert_array_equal(
         state.params["rgb_head"]["classifier"]["kernel"],
         fresh.params["rgb_head"]["classifier"]["kernel"])
@@ -183,31 +185,31 @@ class WarmStartTest(absltest.TestCase):
                         for line in logs.output), logs.output)
 
   def test_malformed_values(self):
-    self.assertEqual(train.parse_init_from("/runs/base"), ("/runs/base", None))
-    self.assertEqual(train.parse_init_from("/runs/base:40"), ("/runs/base", 40))
-    self.assertEqual(train.parse_init_from("gs://bucket/base"),
+    self.assertEqual(train_state.parse_init_from("/runs/base"), ("/runs/base", None))
+    self.assertEqual(train_state.parse_init_from("/runs/base:40"), ("/runs/base", 40))
+    self.assertEqual(train_state.parse_init_from("gs://bucket/base"),
                      ("gs://bucket/base", None))
     for value in (":3", "/runs/base:", "/runs/base:last", "/runs/base:-1"):
       with self.subTest(value=value):
         with self.assertRaisesRegex(ValueError, "model.init_from"):
-          train.parse_init_from(value)
+          train_state.parse_init_from(value)
 
   def test_no_checkpoints(self):
     missing = os.path.join(_SOURCES["root"], "missing")
     for workdir in (_SOURCES["empty"], missing):
       with self.subTest(workdir=workdir):
         with self.assertRaisesRegex(
-            checkpointing.WarmStartError,
+            warm_start.WarmStartError,
             f"model.init_from='{workdir}'.*No checkpoints in {workdir}"):
           self._warm(workdir)
 
   def test_missing_step_lists_the_available_ones(self):
-    with self.assertRaisesRegex(checkpointing.WarmStartError,
+    with self.assertRaisesRegex(warm_start.WarmStartError,
                                 r"step 3 .*available steps: \[2, 5\]"):
       self._warm(f"{_SOURCES['facenet']}:3")
 
   def test_streams_of_another_width_are_refused(self):
-    with self.assertRaisesRegex(checkpointing.WarmStartError,
+    with self.assertRaisesRegex(warm_start.WarmStartError,
                                 "model.init_from=.*must match") as raised:
       self._warm(_SOURCES["wide"])
     message = str(raised.exception)
@@ -223,25 +225,25 @@ class WarmStartTest(absltest.TestCase):
     deeper["params"]["rgb_backbone"]["layer1"]["2"] = (
         variables["params"]["rgb_backbone"]["layer1"]["1"])
     with self.assertRaisesRegex(
-        checkpointing.WarmStartError,
+        warm_start.WarmStartError,
         r"rgb_backbone:\n    only in the source \(\d+\):\n"
         "      params/rgb_backbone/layer1/2/"):
-      checkpointing.copy_matching(variables, deeper, exact=STREAMS)
+      warm_start.copy_matching(variables, deeper, exact=STREAMS)
     shallower = jax.tree.map(lambda x: x, variables)
     del shallower["batch_stats"]["ni_backbone"]["layer4"]
     with self.assertRaisesRegex(
-        checkpointing.WarmStartError,
+        warm_start.WarmStartError,
         r"ni_backbone:\n    missing in the source \(\d+\):\n"
         "      batch_stats/ni_backbone/layer4/"):
-      checkpointing.copy_matching(variables, shallower, exact=STREAMS)
+      warm_start.copy_matching(variables, shallower, exact=STREAMS)
 
   def test_nothing_matching_is_refused(self):
-    with self.assertRaisesRegex(checkpointing.WarmStartError,
+    with self.assertRaisesRegex(warm_start.WarmStartError,
                                 "model.init_from=.*No variable of the source"):
       self._warm(_SOURCES["foreign"])
 
   def test_not_a_training_checkpoint(self):
-    with self.assertRaisesRegex(checkpointing.WarmStartError,
+    with self.assertRaisesRegex(warm_start.WarmStartError,
                                 "model.init_from=.*not a training checkpoint"):
       self._warm(_SOURCES["weights_only"])
 
@@ -250,7 +252,7 @@ class WarmStartTest(absltest.TestCase):
     config.model.init_from = _SOURCES["baseline"]
     config.model.pretrained = "/weights/resnet18.safetensors"
     with self.assertRaisesRegex(ValueError, "model.init_from=.*exclusive"):
-      train.train_and_evaluate(config, tempfile.mkdtemp())
+      loop.train_and_evaluate(config, tempfile.mkdtemp())
 
   def test_config_json_before_init_from_reads_as_off(self):
     workdir = tempfile.mkdtemp()
@@ -278,10 +280,10 @@ class WarmStartedRunTest(absltest.TestCase):
     cls.config.data_dir = os.path.join(root, "tfds")
     cls.config.model.init_from = cls.source
     cls.config.num_train_steps = 1
-    train.train_and_evaluate(cls.config, cls.workdir)
+    loop.train_and_evaluate(cls.config, cls.workdir)
 
   def test_first_step_starts_from_the_source(self):
-    _, state, _ = train.restore_for_eval(self.config, self.workdir, step=1)
+    _, state, _ = train_state.restore_for_eval(self.config, self.workdir, step=1)
     source = _SOURCES["baseline_state"].params
     for stream in STREAMS:
       after = _flat(jax.device_get(state.params[stream]))
@@ -297,7 +299,7 @@ class WarmStartedRunTest(absltest.TestCase):
     config = self.config.copy_and_resolve_references()
     config.num_train_steps = 2
     with self.assertLogs(level="INFO") as logs:
-      results = train.train_and_evaluate(config, self.workdir)
+      results = loop.train_and_evaluate(config, self.workdir)
     self.assertEqual(results["step"], 2)
     self.assertTrue(any("Resumed from step 1" in line for line in logs.output))
     self.assertFalse(any("Warm start" in line for line in logs.output))

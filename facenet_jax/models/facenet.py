@@ -67,11 +67,6 @@ class ModelOutput:
       only; empty without FCE.
     plug_features: flare modality -> (B, h, w, C) f_S at the plug-in point,
       before FCE; empty without FCE.
-    raw_features: flare modality -> (B, D) the pooled f_S before FCE
-      (`raw_head`); empty otherwise.
-    raw_logits: flare modality -> (B, num_classes) identity logits of
-      raw_features through the stream's second head (`raw_head`); empty
-      otherwise.
     weights: (B, 3) reliability weights of the [RGB | NI | TI] segments for
       the flare-aware fusion (fusion.py); all ones with fusion "concat".
   """
@@ -84,8 +79,6 @@ class ModelOutput:
   flare_maps: Mapping[str, Array] = flax.core.FrozenDict()
   fce_guides: Mapping[str, Array] = flax.core.FrozenDict()
   plug_features: Mapping[str, Array] = flax.core.FrozenDict()
-  raw_features: Mapping[str, Array] = flax.core.FrozenDict()
-  raw_logits: Mapping[str, Array] = flax.core.FrozenDict()
   weights: Optional[Array] = None
 
 
@@ -164,35 +157,22 @@ def straight_through_mask(logits: Array, threshold: Array,
 
 
 SMP_MODES = ("mask", "head")
-SMP_POOLINGS = ("topk", "lse", "max", "mean")
 FCE_CLEAN = ("enhanced", "identity")
-FCE_INFERENCE_MASKS = ("hard", "soft")
-FCE_FILLS = ("ti", "none", "add")
 
 
-def pool_positions(position_logits: Array, pooling: str,
-                   topk_fraction: float) -> Array:
+def pool_positions(position_logits: Array, topk_fraction: float) -> Array:
   """Image-level flare logits from per-position logits, (B, h, w, C) -> (B, C).
 
-  Each channel is pooled over the h * w positions. topk: mean of the highest
-  ceil(topk_fraction * h * w) positions (a flare covers part of an image, so
-  the image is flared when its most flared part is); lse: log-mean-exp, a
-  smooth maximum that equals the value of a constant map; max; mean.
+  Each channel's value is the mean of its highest ceil(topk_fraction * h * w)
+  positions: a flare covers part of an image, so the image is flared when
+  its most flared part is. (Log-mean-exp, max and mean pooling lost to it on
+  the validation split and were retired: docs/results.md.)
   """
   b, h, w, c = position_logits.shape
   # Positions last: top_k works on the last axis.
   flat = jnp.moveaxis(position_logits.reshape(b, h * w, c), 1, 2)
-  if pooling == "topk":
-    k = max(1, min(h * w, math.ceil(topk_fraction * h * w - 1e-9)))
-    return jnp.mean(jax.lax.top_k(flat, k)[0], axis=-1)
-  if pooling == "lse":
-    return jax.nn.logsumexp(flat, axis=-1) - jnp.log(float(h * w))
-  if pooling == "max":
-    return jnp.max(flat, axis=-1)
-  if pooling == "mean":
-    return jnp.mean(flat, axis=-1)
-  raise ValueError(f"model.smp_pooling must be one of {SMP_POOLINGS}, "
-                   f"got {pooling!r}")
+  k = max(1, min(h * w, math.ceil(topk_fraction * h * w - 1e-9)))
+  return jnp.mean(jax.lax.top_k(flat, k)[0], axis=-1)
 
 
 class FlareMask(nn.Module):
@@ -267,16 +247,12 @@ class FlareMask(nn.Module):
 
 
 def flare_aware_enhancement(f_self: Array, f_guide: Array, mask: Array,
-                            clean: Array, flare: Array,
-                            keep_self: bool = False) -> Array:
+                            clean: Array, flare: Array) -> Array:
   """FCE (paper eq. 7), gated per sample by the pseudo-label.
 
   For a sample with delta_S = 1: f_S' = f_T * M_S + f_S * (1 - M_S); otherwise
   f_S' = `clean` (the paper: A_S, "replaced by the output of FMI"). A
-  sample's result never depends on other samples in its batch. keep_self
-  (model.fce_fill="add", beyond the paper) adds instead of replacing:
-  f_S' = f_S + f_T * M_S, so a flared position keeps what its own stream
-  still sees.
+  sample's result never depends on other samples in its batch.
 
   Args:
     f_self: (B, h, w, C) f_S.
@@ -284,16 +260,12 @@ def flare_aware_enhancement(f_self: Array, f_guide: Array, mask: Array,
     mask: (B, h, w, C) mask M_S, hard {0, 1} or soft in [0, 1].
     clean: (B, h, w, C) what a flare-free sample gets (A_S or f_S).
     flare: (B,) pseudo-label delta_S in {0, 1}.
-    keep_self: add f_T where the mask is on instead of replacing f_S.
 
   Returns:
     (B, h, w, C) f_S'.
   """
   mask = mask.astype(f_self.dtype)
-  if keep_self:
-    restored = f_self + f_guide * mask
-  else:
-    restored = f_guide * mask + f_self * (1 - mask)
+  restored = f_guide * mask + f_self * (1 - mask)
   gate = (flare > 0.5)[:, None, None, None]
   return jnp.where(gate, restored, clean)
 
@@ -306,19 +278,6 @@ def pool_to_grid(x: Array, size: tuple[int, int]) -> Array:
     raise ValueError(f"model.mask_stage: a {height}x{width} map does not "
                      f"pool to the {h}x{w} plug-in grid")
   return jnp.mean(x.reshape(b, h, height // h, w, width // w, c), axis=(2, 4))
-
-
-def weighted_mean(x: Array, weights: Array) -> Array:
-  """Per-channel weighted mean over positions, (B, h, w, C) -> (B, C).
-
-  `weights` (B, h, w, C) in [0, 1]; a channel whose weights are all 0 gets
-  the plain mean.
-  """
-  x = x.astype(jnp.float32)
-  weights = weights.astype(jnp.float32)
-  total = jnp.sum(weights, axis=(1, 2))
-  weighted = jnp.sum(weights * x, axis=(1, 2)) / jnp.maximum(total, 1e-6)
-  return jnp.where(total > 0, weighted, jnp.mean(x, axis=(1, 2)))
 
 
 def _identity_kernel(key, shape, dtype=jnp.float32):
@@ -374,8 +333,8 @@ class FACENet(nn.Module):
     smp: "mask" (the flare logit is pooled from the mask logits, so the flare
       BCE supervises the mask and Delta) or "head" (a separate classifier on
       the masked feature; the first reading, kept for comparison).
-    smp_pooling: how "mask" pools positions: topk, lse, max, mean.
-    smp_topk_fraction: share of positions averaged by topk pooling.
+    smp_topk_fraction: share of positions whose mean mask margin is the
+      image-level flare logit of "mask" (pool_positions).
     mask_detach: the mask branch reads stop_gradient features, so the flare
       losses do not train the backbones (beyond the paper).
     mask_stage: the stage whose map the mask branch (FMI and the mask
@@ -387,37 +346,15 @@ class FACENet(nn.Module):
       flare modality) instead of f_T itself (beyond the paper).
     fce_clean: what a flare-free sample gets: "enhanced" (A_S, the paper) or
       "identity" (f_S unchanged; beyond the paper).
-    fce_inference_mask: "hard" M_S at evaluation (the paper) or "soft"
-      sigmoid((m_S - Delta) / tau) (beyond the paper). Training always uses
-      the hard mask with its straight-through gradient.
-    fce_fill: what FCE puts where a flare sample's mask is on: "ti" (the
-      TI map or its projection, the paper), "none" (nothing: those
-      positions are left out of the stream's global pooling, so the feature
-      is the mean of the unmasked positions; beyond the paper, needs
-      plug_stage 4, where pooling follows FCE directly) or "add" (f_S + f_T
-      there: the stream's own features stay and TI's are added; beyond the
-      paper).
-    fce_guide_gradient: the identity losses of the RGB and NI streams
-      reach the TI stream through the pasted f_T (the paper). False pastes
-      a stop-gradient f_T, so the TI stream is trained by its own losses only
-      (the projection still learns; beyond the paper).
     fce_mask_gradient: the identity losses reach the mask through FCE's
       straight-through gradient (the paper's reading). False stops it, so
       that only the flare losses shape the mask (beyond the paper): the
       identity losses otherwise learn to switch the mask off when pasting
       costs them.
-    raw_head: with FCE, each flare stream also pools its map before FCE
-      and classifies it with a head of its own ("<m>_raw_head"), so that
-      an identity loss on it (loss.fce_raw_weight) keeps training the
-      stream on what its flared images show, which FCE hides from the
-      stream's own head (beyond the paper). Needs a ResNet plugged in
-      after its last stage, where pooling follows FCE directly. The
-      embedding is unchanged.
     embedding_source: "before_bn" or "after_bn" stream features.
     fusion: how retrieval compares the stream features (fusion.py; beyond
       the paper except "concat"): "concat" (the paper), "fixed" or
-      "saturation" (training-free weights from the flare evidence), "gate"
-      (a learned ReliabilityGate).
+      "saturation" (weights from each image's flare evidence).
     fusion_weight: a fully flared stream's weight ("fixed", "saturation").
     fusion_full_ratio: "saturation": the saturated fraction at which the
       weight reaches fusion_weight.
@@ -439,17 +376,12 @@ class FACENet(nn.Module):
   fmi_reduction: int = 16
   mask_temperature: float = 1.0
   smp: str = "mask"
-  smp_pooling: str = "topk"
   smp_topk_fraction: float = 0.25
   mask_detach: bool = False
   mask_stage: int = 0
   fce_projection: bool = False
   fce_clean: str = "enhanced"
-  fce_inference_mask: str = "hard"
-  fce_fill: str = "ti"
-  fce_guide_gradient: bool = True
   fce_mask_gradient: bool = True
-  raw_head: bool = False
   embedding_source: str = "before_bn"
   fusion: str = "concat"
   fusion_weight: float = 0.5
@@ -467,30 +399,13 @@ class FACENet(nn.Module):
                        "that MFMP predicts.")
     plug_stage = backbones_lib.resolve_plug_stage(self.backbone_name,
                                                   self.plug_stage)
-    entry = backbones_lib.info(self.backbone_name)
-    last_stage = entry.family == "resnet" and plug_stage == entry.num_stages
-    if self.fce_fill == "none" and self.use_fce and not last_stage:
-      raise ValueError(
-          "model.fce_fill='none' needs a ResNet plugged in after its last "
-          "stage (plug_stage 4): it leaves the masked positions out of the "
-          "global pooling that follows, got "
-          f"{self.backbone_name} plug_stage={plug_stage}")
-    if self.raw_head and self.use_fce and not last_stage:
-      raise ValueError(
-          "loss.fce_raw_weight > 0 needs a ResNet plugged in after its last "
-          "stage (plug_stage 4): the stream's map before FCE is pooled "
-          "directly, got "
-          f"{self.backbone_name} plug_stage={plug_stage}")
     if not 0 <= self.mask_stage <= plug_stage:
       raise ValueError(f"model.mask_stage must be 0 (the plug-in stage) or "
                        f"1-{plug_stage} (at most the plug-in stage), got "
                        f"{self.mask_stage}")
     for field, value, allowed in (
         ("smp", self.smp, SMP_MODES),
-        ("smp_pooling", self.smp_pooling, SMP_POOLINGS),
-        ("fce_clean", self.fce_clean, FCE_CLEAN),
-        ("fce_inference_mask", self.fce_inference_mask, FCE_INFERENCE_MASKS),
-        ("fce_fill", self.fce_fill, FCE_FILLS)):
+        ("fce_clean", self.fce_clean, FCE_CLEAN)):
       if value not in allowed:
         raise ValueError(f"model.{field} must be one of {allowed}, "
                          f"got {value!r}")
@@ -520,7 +435,7 @@ class FACENet(nn.Module):
         "dropout" rng.
       camera: (B,) int camera ids; read only with num_cameras > 0.
       flare_ratio: (B, 2) saturated fraction of the raw [RGB, NI] images;
-        read only by the fusions "saturation" and "gate".
+        read only by the fusion "saturation".
 
     Returns:
       ModelOutput.
@@ -547,7 +462,7 @@ class FACENet(nn.Module):
     maps = {m: backbones[m].grid(states[m]) for m in MODALITIES}
 
     masks, flare_logits, thresholds, flare_maps = {}, {}, {}, {}
-    guides, plug_features, pool_weights = {}, {}, {}
+    guides, plug_features = {}, {}
     if self.use_mfmp:
       channels = maps["rgb"].shape[-1]
       sg = jax.lax.stop_gradient if self.mask_detach else (lambda x: x)
@@ -571,8 +486,7 @@ class FACENet(nn.Module):
         margin = (mask_logits - threshold) / self.mask_temperature
         flare_maps[m] = margin
         if self.smp == "mask":
-          flare_logits[m] = pool_positions(margin, self.smp_pooling,
-                                           self.smp_topk_fraction)
+          flare_logits[m] = pool_positions(margin, self.smp_topk_fraction)
         else:
           flare_logits[m] = head_logit
         masks[m], thresholds[m] = mask, threshold
@@ -580,18 +494,8 @@ class FACENet(nn.Module):
           maps[m] = enhanced
           continue
         paste = mask if self.fce_mask_gradient else jax.lax.stop_gradient(mask)
-        if not train and self.fce_inference_mask == "soft":
-          paste = nn.sigmoid(margin)
         clean = enhanced if self.fce_clean == "enhanced" else maps[m]
-        if self.fce_fill == "none":
-          plug_features[m] = maps[m]
-          gate = (flare[:, i] > 0.5)[:, None, None, None]
-          maps[m] = jnp.where(gate, maps[m], clean)
-          pool_weights[m] = 1 - paste * gate.astype(paste.dtype)
-          continue
         guide = maps[GUIDE_MODALITY]
-        if not self.fce_guide_gradient:
-          guide = jax.lax.stop_gradient(guide)
         # What the consistency loss reads: the same projection of a
         # stop-gradient f_T, so that the loss trains the projection and
         # leaves the TI stream to the identity losses (pulling f_T itself
@@ -606,8 +510,7 @@ class FACENet(nn.Module):
           guide = projection(guide)
         guides[m], plug_features[m] = consistency_guide, maps[m]
         maps[m] = flare_aware_enhancement(maps[m], guide, paste, clean,
-                                          flare[:, i],
-                                          keep_self=self.fce_fill == "add")
+                                          flare[:, i])
 
     states = {m: backbones[m].with_grid(states[m], maps[m])
               for m in MODALITIES}
@@ -616,43 +519,17 @@ class FACENet(nn.Module):
                 for m in MODALITIES}
 
     pooled = {m: backbones[m].pool(states[m]) for m in MODALITIES}
-    for m, weights in pool_weights.items():
-      pooled[m] = weighted_mean(backbones[m].grid(states[m]), weights)
     features, necks, logits = {}, {}, {}
     for m in MODALITIES:
       features[m], necks[m], logits[m] = StreamHead(
           self.num_classes, self.dtype, name=f"{m}_head")(
               pooled[m], train)
-    raw_features, raw_logits = {}, {}
-    if self.raw_head and self.use_fce:
-      for m in plug_features:
-        raw_features[m], _, raw_logits[m] = StreamHead(
-            self.num_classes, self.dtype, name=f"{m}_raw_head")(
-                backbones[m].pool(plug_features[m]), train)
     source = features if self.embedding_source == "before_bn" else necks
     embedding = jnp.concatenate([source[m] for m in MODALITIES], axis=-1)
     return ModelOutput(embedding=embedding, features=features, logits=logits,
                        masks=masks, flare_logits=flare_logits,
                        thresholds=thresholds, flare_maps=flare_maps,
                        fce_guides=guides, plug_features=plug_features,
-                       raw_features=raw_features, raw_logits=raw_logits,
-                       weights=self._weights(flare, flare_ratio, masks))
-
-  def _weights(self, flare: Array, flare_ratio: Optional[Array],
-               masks: Mapping[str, Array]) -> Array:
-    """(B, 3) segment weights of the fusion, from each image's evidence."""
-    if self.fusion != "gate":
-      return fusion_lib.stream_weights(self.fusion, flare, flare_ratio,
-                                       self.fusion_weight,
-                                       self.fusion_full_ratio)
-    if flare_ratio is None:
-      raise ValueError("model.fusion='gate' needs the images' saturated "
-                       "fractions (flare_ratio)")
-    evidence = [jnp.asarray(flare_ratio, jnp.float32),
-                jnp.asarray(flare, jnp.float32)]
-    if masks:
-      evidence.append(jnp.stack(
-          [jnp.mean(masks[m].astype(jnp.float32), axis=(1, 2, 3))
-           for m in FLARE_MODALITIES], axis=-1))
-    return fusion_lib.ReliabilityGate(name="fusion_gate")(
-        jnp.stack(evidence, axis=-1))
+                       weights=fusion_lib.stream_weights(
+                           self.fusion, flare, flare_ratio,
+                           self.fusion_weight, self.fusion_full_ratio))

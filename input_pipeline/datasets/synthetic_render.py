@@ -26,6 +26,11 @@ identity, camera and sample draws from its own `np.random.default_rng` stream,
 so samples do not depend on the order in which they are generated. Train and
 test identities use disjoint pid ranges, so the pid also separates the splits.
 Rendering is vectorised over pixels.
+
+One file, though long: the vehicle, camera, background, night and flare
+parts draw from the same per-(identity, camera, sample) random streams and
+pixel grids, and the dataset's determinism rests on their order of draws,
+which is easiest to keep true where it can be read in one place.
 """
 
 import dataclasses
