@@ -8,12 +8,12 @@ only the dataset's own values differ. Evaluated with the same-scene protocol.
       --config.model.pretrained=/weights/jx_vit_base_p16_224-80ecf9dd.pth
 """
 
-from configs import default
+from configs import paper
 from configs import wmveid863_vit
 
 
 def get_config():
-  config = default.get_config()
+  config = paper.get_config()
   config.dataset = "msvr310"
   config.dataset_config = ""
   # Official code, MSVR310: base lr 0.001, 1000 epochs, 100 warmup, input

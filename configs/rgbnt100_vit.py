@@ -8,12 +8,12 @@ only the dataset's own values differ.
       --config.model.pretrained=/weights/jx_vit_base_p16_224-80ecf9dd.pth
 """
 
-from configs import default
+from configs import paper
 from configs import wmveid863_vit
 
 
 def get_config():
-  config = default.get_config()
+  config = paper.get_config()
   config.dataset = "rgbnt100"
   config.dataset_config = ""
   # Official code, RGBNT100: base lr 0.001, 120 epochs, 10 warmup, input

@@ -4,9 +4,8 @@ The paper's Table 8 backbone and the one the official PyTorch code trains:
 three independent ViT-B/16 streams from ImageNet weights, MFMP and FCE on
 the patch tokens before the last block, SGD with a warmed-up cosine. Each
 value below names its source ("official code" = the official FACENet code's
-ViT recipe as ../shared/MISSION.md records it). The flare mechanism keeps
-configs/default.py's settings, which the validation split chose on ResNet
-streams (configs/paper.py's apply_paper_reading gives the paper's reading).
+ViT recipe, docs/training.md). The flare mechanism is the paper's reading
+(configs/paper.py), as for the ResNet configs.
 
   python scripts/main.py --config configs/wmveid863_vit.py \
       --workdir /runs/wmveid863_vit --config.manual_dir=/data/WMVeID863 \
@@ -17,7 +16,7 @@ big_vision / google-research ViT-B/16 `.npz` load the same way (README,
 "ImageNet initialisation"); their 14x14 position grid is resampled to 16x8.
 """
 
-from configs import default
+from configs import paper
 
 
 def apply_official_vit_recipe(config, *, learning_rate: float,
@@ -35,8 +34,8 @@ def apply_official_vit_recipe(config, *, learning_rate: float,
   config.normalization.mean = ((0.5, 0.5, 0.5),) * 3
   config.normalization.std = ((0.5, 0.5, 0.5),) * 3
   # Official code: P x K = 8 x 4, flip, pad 10 + random crop. Random erasing
-  # is not in MISSION.md's list of the recipe; the project default (0.5,
-  # also TransReID's) is kept.
+  # is not among what docs/training.md records of the recipe; the project
+  # default (0.5, also TransReID's) is kept.
   config.ids_per_batch = 8
   config.instances_per_id = 4
   config.augment.flip_prob = 0.5
@@ -53,19 +52,16 @@ def apply_official_vit_recipe(config, *, learning_rate: float,
   config.optimizer.schedule = "cosine"
   config.optimizer.warmup_epochs = warmup_epochs
   config.optimizer.warmup_factor = 0.01
-  # Assumed, not in MISSION.md: the cosine's floor of TransReID's scheduler
+  # Assumed, not recorded of the official recipe: the cosine's floor of TransReID's scheduler
   # (lr_min = 0.002 x base), whose scheduler the official code's family of
   # ViT re-ID codebases shares.
   config.optimizer.min_lr_factor = 0.002
   config.num_epochs = num_epochs
-  # The paper's ranking; a flare-aware fusion (beyond the paper) is chosen
-  # on the run's val_ids split afterwards: scripts/fusion.py --split val.
-  config.model.fusion = "concat"
   return config
 
 
 def get_config():
-  config = default.get_config()
+  config = paper.get_config()
   config.dataset = "wmveid863"
   config.dataset_config = ""
   # Official code, WMVeID863: base lr 0.003, 120 epochs, 5 warmup, 256 x 128.

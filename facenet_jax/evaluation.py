@@ -1,7 +1,7 @@
 """Re-identification ranking metrics (CMC, mAP, mINP) and Euclidean distances.
 
-This is the project's single implementation of the ranking metrics (STYLE.md:
-never two code paths for one metric). Only a query's same-identity gallery
+This is the project's single implementation of the ranking metrics (never
+two code paths for one metric). Only a query's same-identity gallery
 entries (its true matches and the entries its protocol removes) affect its
 metrics, so rather than sorting the whole gallery for every query, only those
 entries are placed in the query's ranking (`_stable_positions`): the gallery

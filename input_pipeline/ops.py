@@ -65,7 +65,7 @@ def decode(keys: Sequence[str] = MODALITIES) -> Op:
 def flare_label(threshold: float) -> Op:
   """Adds `flare` float32 (..., 2): flare_ratio > threshold for [RGB, NI].
 
-  The ratio was measured by the builder on the raw decoded image (MISSION.md),
+  The ratio was measured by the builder on the raw decoded image (docs/model.md),
   so the label does not depend on resizing or augmentation.
   """
 

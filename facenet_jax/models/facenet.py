@@ -104,7 +104,7 @@ class FMI(nn.Module):
   """Flare-susceptible mutual interaction (paper eqs. 2-4).
 
   f_C' = four convolutions on concat(f_R, f_N) with kernels 3x3, 3x3, 1x1,
-  3x3 in that order (the order MISSION.md and the paper's prose give; eq. 3 is
+  3x3 in that order (the order the paper's prose gives; eq. 3 is
   garbled), each with BN and ReLU, the first three `width` channels wide, the
   last C. An SE-style channel
   attention gives f_att = sigmoid(conv1x1(relu(conv1x1(GAP(f_C'))))), and the

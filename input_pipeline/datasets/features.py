@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
-# Pixel values at or above this count as saturated (MISSION.md: [250, 255]).
+# Pixel values at or above this count as saturated (docs/model.md: [250, 255]).
 FLARE_PIXEL_LOW = 250
 # The splits of every builder.
 SPLITS = ("train", "query", "gallery")
