@@ -10,45 +10,40 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+import pytest
 
 from facenet_jax import hardware
 from facenet_jax import profiling
 import subprocess_env
 
+# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _has_torch() -> bool:
-  return importlib.util.find_spec("torch") is not None
 
 
 class BenchmarkTrainTest(absltest.TestCase):
 
-  def test_tiny_baseline_rows_and_ratios(self):
-    # The tiny config as its baseline: one network to compile. With torch
-    # (installed by .ci/run) the PyTorch row and the ratio are printed too.
+  def _run(self, *extra) -> str:
+    # The tiny config as its baseline: one network to compile.
     args = ["--config", os.path.join(ROOT, "configs", "tiny.py"),
             "--config.model.use_mfmp=False", "--config.model.use_fce=False",
             "--config.loss.modality=none", "--data=generated", "--steps=2",
-            "--rounds=1", "--warmup=1",
-            f"--trace_dir={os.path.join(tempfile.mkdtemp(), 'trace')}"]
-    if _has_torch():
-      args.append("--torch")
-    env = subprocess_env.script_env()
+            "--rounds=1", "--warmup=1", *extra]
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "benchmark_train.py"),
-         *args], env=env, capture_output=True, text=True, timeout=600,
-        check=False)
+         *args], env=subprocess_env.script_env(), capture_output=True,
+        text=True, timeout=600, check=False)
     self.assertEqual(done.returncode, 0, done.stderr[-3000:])
-    out = done.stdout
+    return done.stdout
+
+  def _rows(self, out: str, expected: set[str]) -> dict:
     rows = {}
     for line in out.splitlines():
       cells = [c.strip() for c in line.strip("|").split("|")]
       if len(cells) == 8 and cells[0] in ("jax step", "jax loop",
                                           "torch eager"):
         rows[cells[0]] = cells
-    expected = {"jax step", "jax loop"} | (
-        {"torch eager"} if _has_torch() else set())
     self.assertEqual(set(rows), expected, out)
     for cells in rows.values():
       self.assertEqual(cells[1], "baseline")
@@ -58,6 +53,12 @@ class BenchmarkTrainTest(absltest.TestCase):
       # Tiny batch: 4 ids x 2 instances.
       self.assertAlmostEqual(triplets_per_s, 8 * steps_per_s,
                              delta=0.02 * triplets_per_s + 0.1)
+    return rows
+
+  def test_tiny_baseline_rows_and_where_the_time_goes(self):
+    out = self._run(
+        f"--trace_dir={os.path.join(tempfile.mkdtemp(), 'trace')}")
+    rows = self._rows(out, {"jax step", "jax loop"})
     self.assertGreater(float(rows["jax step"][6]), 0.0)  # TFLOP/s.
     self.assertRegex(out, r"loop/step \(baseline\): \d+\.\d\d")
     # The traced steps, by op kind: shares of op time that add up to 100 %.
@@ -67,13 +68,19 @@ class BenchmarkTrainTest(absltest.TestCase):
     self.assertNotEmpty(shares, out)
     self.assertAlmostEqual(sum(shares), 100.0, delta=0.1 * len(shares) + 0.1)
     self.assertRegex(out, r"op time \d+\.\d ms per call over \d+\.\d ms")
-    if _has_torch():
-      match = re.search(r"JAX/PyTorch \(baseline\): step (\d+\.\d+)x", out)
-      self.assertIsNotNone(match, out)
-      torch_ms, jax_ms = float(rows["torch eager"][2]), float(
-          rows["jax step"][2])
-      self.assertAlmostEqual(float(match.group(1)), torch_ms / jax_ms,
-                             delta=0.02 * torch_ms / jax_ms + 0.01)
+
+  @pytest.mark.extras
+  def test_pytorch_row_and_ratio(self):
+    if importlib.util.find_spec("torch") is None:
+      self.skipTest('needs PyTorch: pip install -e ".[torch]"')
+    out = self._run("--torch")
+    rows = self._rows(out, {"jax step", "jax loop", "torch eager"})
+    match = re.search(r"JAX/PyTorch \(baseline\): step (\d+\.\d+)x", out)
+    self.assertIsNotNone(match, out)
+    torch_ms, jax_ms = float(rows["torch eager"][2]), float(
+        rows["jax step"][2])
+    self.assertAlmostEqual(float(match.group(1)), torch_ms / jax_ms,
+                           delta=0.02 * torch_ms / jax_ms + 0.01)
 
   def test_grouped_conv_benchmark_prints_its_rows_and_agreeing_gradients(self):
     done = subprocess.run(

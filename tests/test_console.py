@@ -10,6 +10,7 @@ import time
 
 from absl import logging
 from absl.testing import absltest
+import pytest
 
 from facenet_jax import console
 import subprocess_env
@@ -101,6 +102,7 @@ class QuietImportsTest(absltest.TestCase):
     self.assertEqual(verbose.text, "")
 
 
+@pytest.mark.slow
 class MainErrorsTest(absltest.TestCase):
   """scripts/main.py: a user error is one line on stderr and exit status 2."""
 

@@ -13,6 +13,7 @@ import os
 import shutil
 
 from absl.testing import absltest
+import pytest
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
@@ -30,6 +31,9 @@ from facenet_jax.train import train_state
 import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
 from input_pipeline import pipeline
 from input_pipeline.datasets import synthetic_flare
+
+# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
 
 _TINY = synthetic_flare.SyntheticFlare.builder_configs["tiny"]
 

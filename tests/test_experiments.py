@@ -8,6 +8,7 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+import pytest
 import numpy as np
 from PIL import Image
 
@@ -314,6 +315,7 @@ if __name__ == "__main__":
   absltest.main()
 
 
+@pytest.mark.slow
 class ScriptTest(absltest.TestCase):
   """scripts/experiments.py end to end on synthetic_flare/tiny, 2 steps a run."""
 

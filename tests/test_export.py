@@ -21,6 +21,7 @@ from unittest import mock
 from absl.testing import absltest
 import jax
 import numpy as np
+import pytest
 
 from configs import tiny
 from facenet_jax import checkpointing
@@ -28,6 +29,9 @@ from facenet_jax import export
 from facenet_jax import inference
 import run_fixtures
 import subprocess_env
+
+# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 5
@@ -74,6 +78,7 @@ class InputsTest(absltest.TestCase):
         inputs["flare"], [[1, 0], [0, 1], [1, 1], [0, 0], [1, 0]])
 
 
+@pytest.mark.extras
 @absltest.skipUnless(_HAS_EXTRA, 'needs pip install -e ".[export]"')
 class OnnxTest(absltest.TestCase):
 

@@ -9,6 +9,7 @@ cannot on any dataset.
 """
 
 from absl.testing import absltest
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +19,9 @@ from facenet_jax import losses
 from facenet_jax import mask_quality
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 from facenet_jax.models import FACENet
+
+# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
 
 H, W = 64, 32
 # Plug in after stage 2: an 8 x 4 mask grid at 64 x 32 inputs.

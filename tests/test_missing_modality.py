@@ -10,6 +10,7 @@ import os
 import shutil
 
 from absl.testing import absltest
+import pytest
 from absl.testing import parameterized
 import jax
 import numpy as np
@@ -22,6 +23,9 @@ from facenet_jax.train import loop
 from facenet_jax.train import train_state
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
+
+# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
 
 # Every set a single evaluation accepts: none, one or two of three.
 _SETS = [s for n in range(3) for s in itertools.combinations(MODALITIES, n)]

@@ -3,6 +3,7 @@
 import functools
 
 from absl.testing import absltest
+import pytest
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
@@ -144,6 +145,7 @@ class PaperConfigTest(parameterized.TestCase):
       self._shapes(use_mfmp=False, use_fce=True)
 
 
+@pytest.mark.slow
 class TinyModelTest(parameterized.TestCase):
 
   def test_forward_backward_and_gradients_reach_threshold(self):
@@ -258,6 +260,7 @@ class FCEGatingTest(absltest.TestCase):
     np.testing.assert_array_equal(out[1, 0, 0], [-1., -1., -1., -1.])
 
 
+@pytest.mark.slow
 class MaskSupervisionTest(parameterized.TestCase):
   """smp = "mask": the flare BCE reaches the mask logits and Delta."""
 
@@ -357,6 +360,7 @@ class MaskSupervisionTest(parameterized.TestCase):
           jax.random.key(0), _images(jax.random.key(1), 1), jnp.ones((1, 2)))
 
 
+@pytest.mark.slow
 class FCEOptionsTest(absltest.TestCase):
 
   def test_identity_initialised_projection_equals_the_paper_at_init(self):

@@ -14,6 +14,7 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+import pytest
 import jax
 import numpy as np
 
@@ -22,6 +23,9 @@ from facenet_jax.train import mesh
 sys.path.insert(0, os.path.dirname(__file__))
 import multiprocess_worker  # noqa: E402  pylint: disable=g-import-not-at-top
 import subprocess_env
+
+# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -499,6 +499,7 @@ def torch_resnet50():
   return torch, model.eval()
 
 
+@pytest.mark.extras
 def test_torch_resnet50_feature_map_matches(tmp_path):
   torch, model = torch_resnet50()
   path = tmp_path / "resnet50.pth"
@@ -524,6 +525,7 @@ def test_torch_resnet50_feature_map_matches(tmp_path):
       np.testing.assert_array_equal(converted[name], array, err_msg=name)
 
 
+@pytest.mark.extras
 def test_pth_refuses_pickled_objects(tmp_path):
   torch = pytest.importorskip("torch")
   path = tmp_path / "evil.pth"
@@ -533,6 +535,7 @@ def test_pth_refuses_pickled_objects(tmp_path):
     pretrained.load_state_dict(path)
 
 
+@pytest.mark.extras
 def test_pth_checkpoint_wrapper_and_bfloat16(tmp_path):
   torch = pytest.importorskip("torch")
   path = tmp_path / "checkpoint.pth.tar"
@@ -545,6 +548,7 @@ def test_pth_checkpoint_wrapper_and_bfloat16(tmp_path):
   assert int(state["bn1.num_batches_tracked"]) == 7
 
 
+@pytest.mark.extras
 def test_pth_entries_must_be_tensors(tmp_path):
   torch = pytest.importorskip("torch")
   path = tmp_path / "mixed.pth"
@@ -553,6 +557,7 @@ def test_pth_entries_must_be_tensors(tmp_path):
     pretrained.load_state_dict(path)
 
 
+@pytest.mark.extras
 def test_pth_without_torch_is_a_clear_error(tmp_path, monkeypatch):
   torch = pytest.importorskip("torch")
   path = tmp_path / "resnet18.pth"

@@ -7,6 +7,7 @@ import tempfile
 import time
 
 from absl.testing import absltest
+import pytest
 import jax
 import numpy as np
 import optax
@@ -54,6 +55,7 @@ class LossConfigTest(absltest.TestCase):
     self.assertEqual(build.loss_config(config).flare_pixel_weight, 0.0)
 
 
+@pytest.mark.slow
 class DataParallelTest(absltest.TestCase):
 
   def test_eight_devices_match_one(self):

@@ -17,6 +17,7 @@ from unittest import mock
 from absl.testing import absltest
 import numpy as np
 from PIL import Image
+import pytest
 
 from configs import tiny
 from facenet_jax import checkpointing
@@ -27,6 +28,9 @@ from facenet_jax import visualize
 import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
 import run_fixtures
 import subprocess_env
+
+# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The t-SNE map needs the viz extra, which the README's test command does not
@@ -168,6 +172,7 @@ class EmbeddingMapTest(absltest.TestCase):
       self.assertEqual(tuple(pixels[y + 3, x + 3]) == colours[pid], flared)
       self.assertEqual(tuple(pixels[y, x + 3]) == colours[pid], not flared)
 
+  @pytest.mark.extras
   @absltest.skipUnless(_HAS_VIZ, _NEEDS_VIZ)
   def test_tsne(self):
     rng = np.random.default_rng(0)
@@ -285,6 +290,7 @@ class RunTest(absltest.TestCase):
         self.assertGreaterEqual(over[..., 0].mean(), plain[..., 0].mean())
         self.assertLess(over[..., 2].mean(), plain[..., 2].mean())
 
+  @pytest.mark.extras
   @absltest.skipUnless(_HAS_VIZ, _NEEDS_VIZ)
   def test_tsne_points_in_identity_colours(self):
     pixels = _read_png(self.written["tsne"])

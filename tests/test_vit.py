@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
+import pytest
 
 from configs import tiny
 from facenet_jax import checkpointing
@@ -476,6 +477,7 @@ class WeightsTest(parameterized.TestCase):
                                                          (H, W))
     jax.tree.map(np.testing.assert_array_equal, from_npz, from_timm)
 
+  @pytest.mark.extras
   def test_timm_equivalence(self):
     timm = _import_timm()
     if timm is None:
@@ -561,6 +563,7 @@ class FACENetOnViTTest(parameterized.TestCase):
       build.loss_config(config)
 
 
+@pytest.mark.slow
 class EndToEndTest(absltest.TestCase):
   """A tiny ViT FACENet trained and evaluated by the trainer itself."""
 

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 
 from absl.testing import absltest
+import pytest
 import flax
 import jax
 import numpy as np
@@ -25,6 +26,9 @@ from facenet_jax import warm_start
 from facenet_jax.train import loop
 from facenet_jax.train import train_state
 import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
+
+# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
 
 STREAMS = ("rgb_backbone", "ni_backbone", "ti_backbone")
 HEADS = ("rgb_head", "ni_head", "ti_head")

@@ -98,7 +98,11 @@ def train_and_evaluate(
   replicated = jax.tree.map(lambda _: sharding.replicated, abstract)
   fresh = lambda: jax.jit(init_fn, out_shardings=replicated)(rng)
   if resuming:
-    state = ckpt.restore(mesh.with_sharding(abstract, replicated))
+    try:
+      state = ckpt.restore(mesh.with_sharding(abstract, replicated))
+    except BaseException:
+      ckpt.close()
+      raise
     logging.info("Resumed from step %d", int(mesh.to_host(state.step)))
   elif config.model.init_from:
     state = mesh.put_replicated(

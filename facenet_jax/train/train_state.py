@@ -193,7 +193,9 @@ def restore_for_eval(config: ml_collections.ConfigDict, workdir: str,
   sharding = mesh.Sharding.create()
   state_sharding = jax.tree.map(lambda _: sharding.replicated, abstract)
   ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
-  state = ckpt.restore(mesh.with_sharding(abstract, state_sharding), step)
-  ckpt.close()
+  try:
+    state = ckpt.restore(mesh.with_sharding(abstract, state_sharding), step)
+  finally:
+    ckpt.close()
   return model, state, sharding
 
