@@ -43,6 +43,16 @@ from facenet_jax.train import steps
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 
 FORMATS = ("onnx", "stablehlo")
+# The check's default tolerance per model.dtype: float32 runs agree to
+# rounding; a 16-bit compute dtype keeps about three significant digits, and
+# the export and the JAX Embedder may order its sums differently (a
+# bfloat16 run differed by 8e-3 on 8 triplets, 0 on one).
+TOLERANCES = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 3e-2}
+
+
+def default_tolerance(config) -> float:
+  """The check's tolerance for a run's model.dtype (TOLERANCES)."""
+  return TOLERANCES.get(config.model.dtype, TOLERANCES["float32"])
 OUTPUT_NAMES = ("embedding", "weights")
 INSTALL_HINT = ('pip install -e ".[export]" && pip install --no-deps '
                 '"jax2onnx==0.17.1"')
@@ -444,12 +454,26 @@ def max_differences(embedder: inference.Embedder, fmt: str, path: str,
   return out
 
 
-def load_embedder(workdir: str,
-                  step: Optional[int] = None) -> inference.Embedder:
+def load_embedder(workdir: str, step: Optional[int] = None,
+                  float32: bool = False) -> inference.Embedder:
   """Embedder.from_workdir, with one-line errors for a workdir unfit to export.
+
+  Args:
+    workdir: the run.
+    step: its checkpoint; None = the latest.
+    float32: compute in float32 whatever the run's model.dtype (its
+      parameters are float32 anyway). The ONNX export needs it: jax2onnx
+      lowers no bfloat16 pooling, and ONNX Runtime's CPU kernels are float32.
 
   Raises:
     FileNotFoundError: WORKDIR/config.json missing, or no (such) checkpoint.
   """
   checkpointing.check_run_dir(workdir, step)
-  return inference.Embedder.from_workdir(workdir, step)
+  embedder = inference.Embedder.from_workdir(workdir, step)
+  if not float32 or embedder.config.model.dtype == "float32":
+    return embedder
+  config = embedder.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.dtype = "float32"
+  return inference.Embedder(embedder.model.clone(dtype=jnp.float32),
+                            embedder.variables, config, embedder.batch_size)

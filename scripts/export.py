@@ -47,7 +47,8 @@ _PLATFORMS = flags.DEFINE_list(
 _CHECK_BATCH = flags.DEFINE_integer(
     "check_batch", 8, "Generated triplets the export is checked on (>= 1).")
 _TOLERANCE = flags.DEFINE_float(
-    "tolerance", 1e-4, "Largest accepted |export - JAX| of an embedding value.")
+    "tolerance", None, "Largest accepted |export - JAX| of an embedding "
+    "value; default 1e-4 for a float32 run, 3e-2 for bfloat16 or float16.")
 flags.mark_flags_as_required(["workdir", "output"])
 
 USER_ERROR_STATUS = 2
@@ -90,12 +91,16 @@ def main(argv):
       raise ValueError(f"--check_batch must be >= 1, got {_CHECK_BATCH.value}")
     # Before the (slow) restore: a missing package is known at once.
     export.check_installed(fmt)
-    embedder = export.load_embedder(_WORKDIR.value, _STEP.value)
+    embedder = export.load_embedder(_WORKDIR.value, _STEP.value,
+                                    float32=fmt == "onnx")
     step = _STEP.value
     if step is None:
       step = checkpointing.checkpoint_steps(_WORKDIR.value)[-1]
+    trained = checkpointing.load_config(_WORKDIR.value).model.dtype
+    computed = ("" if trained == embedder.config.model.dtype else
+                f", computed in float32 (trained in {trained})")
     print(f"workdir   {_WORKDIR.value} (checkpoint step {step}, input "
-          f"{tuple(embedder.config.input_size)})")
+          f"{tuple(embedder.config.input_size)}{computed})")
     start = time.perf_counter()
     files = export.export(embedder, fmt, output, opset=_OPSET.value,
                           platforms=_PLATFORMS.value)
@@ -107,12 +112,14 @@ def main(argv):
   except USER_ERRORS as e:
     _user_error(_one_line(e))
   worst = max(diffs.values())
+  tolerance = (_TOLERANCE.value if _TOLERANCE.value is not None else
+               export.default_tolerance(embedder.config))
   shown = ", ".join(f"{d:.2e} on {b} triplet{'s' * (b > 1)}"
                     for b, d in diffs.items())
-  verdict = "ok" if worst <= _TOLERANCE.value else "FAILED"
+  verdict = "ok" if worst <= tolerance else "FAILED"
   print(f"check     max |{fmt} - JAX Embedder| = {shown} (tolerance "
-        f"{_TOLERANCE.value:.0e}): {verdict}")
-  if worst > _TOLERANCE.value:
+        f"{tolerance:.0e}): {verdict}")
+  if worst > tolerance:
     sys.exit(CHECK_FAILED_STATUS)
 
 

@@ -20,6 +20,7 @@ from unittest import mock
 
 from absl.testing import absltest
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -195,6 +196,31 @@ class ErrorsTest(absltest.TestCase):
     with mock.patch.dict(sys.modules, {"jax2onnx": None, "onnx": None,
                                        "onnxruntime": None}):
       export.check_installed("stablehlo")
+
+
+class Bfloat16RunTest(absltest.TestCase):
+
+  def test_the_check_tolerates_what_the_compute_dtype_rounds(self):
+    config = tiny.get_config()
+    self.assertEqual(export.default_tolerance(config), 1e-4)
+    config.model.dtype = "bfloat16"
+    self.assertEqual(export.default_tolerance(config), 3e-2)
+
+  def test_a_bfloat16_run_is_exported_computing_in_float32(self):
+    # jax2onnx lowers no bfloat16 pooling: the ONNX export computes in
+    # float32, with the run's own (float32) parameters.
+    config = tiny.get_config()
+    config.model.dtype = "bfloat16"
+    workdir = os.path.join(_RUN["root"], "bf16")
+    run_fixtures.make_run(workdir, config)
+    trained = export.load_embedder(workdir)
+    exported = export.load_embedder(workdir, float32=True)
+    self.assertEqual(trained.config.model.dtype, "bfloat16")
+    self.assertEqual(exported.config.model.dtype, "float32")
+    self.assertEqual(exported.model.dtype, jnp.float32)
+    raw = export.check_triplets(config.input_size, 2)
+    np.testing.assert_allclose(exported.embed(*raw)["embedding"],
+                               trained.embed(*raw)["embedding"], atol=3e-2)
 
 
 class ScriptTest(absltest.TestCase):

@@ -15,12 +15,15 @@ import optax
 from configs import tiny
 from facenet_jax import checkpointing
 from facenet_jax.train import build
+from facenet_jax.train import extract
 from facenet_jax.train import feed
 from facenet_jax.train import loop
 from facenet_jax.train import mesh
 from facenet_jax.train import steps
 from facenet_jax.train import train_state
 from facenet_jax.constants import MODALITIES
+from input_pipeline import generated
+from input_pipeline import pipeline
 
 
 def _batch(rng: np.random.Generator, config) -> dict:
@@ -404,6 +407,20 @@ class InputTest(absltest.TestCase):
       config.input[field] = value
       with self.assertRaisesRegex(ValueError, f"config.input.{field}"):
         feed.check_config(config, mesh.Sharding.create())
+
+
+class EmptySplitTest(absltest.TestCase):
+
+  def test_an_empty_split_is_one_clear_error(self):
+    config = tiny.get_config()
+    config.val_ids = 1
+    model = build.build_model(config, 4)
+    data = generated.generated_split(2, 2, 32, 16)
+    empty = pipeline.subset(data, np.zeros((0,), np.int64))
+    with self.assertRaisesRegex(ValueError, "val_query split of "
+                                "synthetic_flare has no triplets to embed; "
+                                "config.val_ids=1 held out too few"):
+      extract.extract(config, model, None, "val_query", None, data=empty)
 
 
 if __name__ == "__main__":

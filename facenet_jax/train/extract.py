@@ -360,6 +360,12 @@ def extract(config: ml_collections.ConfigDict, model: FACENet, variables: Any,
                      f"with render={not render}")
   if data is None:
     data = feed.split_data(config, split)
+  if not data.num_examples:
+    held_out = (f"; config.val_ids={config.val_ids} held out too few "
+                "identities (or cameras) to make one, try more"
+                if split.startswith("val") and config.val_ids else "")
+    raise ValueError(f"The {split} split of {config.dataset} has no triplets "
+                     f"to embed{held_out}")
   if model.num_cameras and len(data.camid) and (
       data.camid.max() >= model.num_cameras):
     raise ValueError(
