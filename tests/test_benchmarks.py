@@ -16,7 +16,8 @@ from facenet_jax import hardware
 from facenet_jax import profiling
 import subprocess_env
 
-# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+# Trains runs, starts scripts or compiles the tiny model: left out of the
+# quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -32,7 +32,8 @@ import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
 from input_pipeline import pipeline
 from input_pipeline.datasets import synthetic_flare
 
-# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+# Trains runs, starts scripts or compiles the tiny model: left out of the
+# quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
 
 _TINY = synthetic_flare.SyntheticFlare.builder_configs["tiny"]

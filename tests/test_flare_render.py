@@ -1,6 +1,7 @@
 """The rendered flare of facenet_jax/flare_render.py (eval.rendered_flare)."""
 
 from absl.testing import absltest
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,7 @@ def _raw_images(seed: int, n: int = 6, size=(64, 32)) -> tuple:
   return jnp.asarray(rgb), jnp.asarray(ni.astype(np.float32))
 
 
+@pytest.mark.slow
 class RenderTest(absltest.TestCase):
 
   def test_flare_only_brightens_and_saturates_where_it_says(self):

@@ -5,6 +5,7 @@ import os
 import tempfile
 
 from absl.testing import absltest
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,6 +115,7 @@ class WeightsTest(absltest.TestCase):
         fusion.check(*args)
 
 
+@pytest.mark.slow
 class ModelTest(absltest.TestCase):
   """The tiny model in eval mode: one forward pass per fusion."""
 

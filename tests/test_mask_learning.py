@@ -20,7 +20,8 @@ from facenet_jax import mask_quality
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 from facenet_jax.models import FACENet
 
-# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+# Trains runs, starts scripts or compiles the tiny model: left out of the
+# quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
 
 H, W = 64, 32

@@ -3,6 +3,7 @@
 import io
 
 from absl.testing import absltest
+import pytest
 import numpy as np
 from PIL import Image
 
@@ -64,6 +65,7 @@ class ScoresTest(absltest.TestCase):
                                np.ones(2, bool))
 
 
+@pytest.mark.slow
 class RenderedFlareTest(absltest.TestCase):
 
   def _data(self, n=5):

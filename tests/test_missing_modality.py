@@ -24,7 +24,8 @@ from facenet_jax.train import train_state
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
 
-# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+# Trains runs, starts scripts or compiles the tiny model: left out of the
+# quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
 
 # Every set a single evaluation accepts: none, one or two of three.

@@ -83,6 +83,7 @@ class ResNetTest(parameterized.TestCase):
       ResNet(depth=42).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
 
+@pytest.mark.slow
 class PaperConfigTest(parameterized.TestCase):
   """Paper-size model through jax.eval_shape only (no ResNet50 compile)."""
 
@@ -206,6 +207,7 @@ class TinyModelTest(parameterized.TestCase):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 class FCEGatingTest(absltest.TestCase):
   """A sample's RGB/NI features depend on its TI image only when delta = 1."""
 

@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import multiprocess_worker  # noqa: E402  pylint: disable=g-import-not-at-top
 import subprocess_env
 
-# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+# Trains runs, starts scripts or compiles the tiny model: left out of the
+# quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -500,6 +500,7 @@ def torch_resnet50():
 
 
 @pytest.mark.extras
+@pytest.mark.slow
 def test_torch_resnet50_feature_map_matches(tmp_path):
   torch, model = torch_resnet50()
   path = tmp_path / "resnet50.pth"

@@ -7,6 +7,7 @@ of a trained run with it is in test_missing_modality.SweepTest, which has one.
 import os
 
 from absl.testing import absltest
+import pytest
 import jax
 import numpy as np
 
@@ -45,6 +46,7 @@ def _raw_of(config, batch):
           for i, m in enumerate(MODALITIES)}
 
 
+@pytest.mark.slow
 class RenderTest(absltest.TestCase):
 
   def setUp(self):

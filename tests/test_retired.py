@@ -21,7 +21,8 @@ from facenet_jax import export
 from facenet_jax import inference
 import run_fixtures
 
-# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+# Trains runs, starts scripts or compiles the tiny model: left out of the
+# quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
 
 # What config.json held for each retired field before it went, at the value

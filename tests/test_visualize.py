@@ -29,7 +29,8 @@ import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
 import run_fixtures
 import subprocess_env
 
-# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+# Trains runs, starts scripts or compiles the tiny model: left out of the
+# quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

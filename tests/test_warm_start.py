@@ -27,7 +27,8 @@ from facenet_jax.train import loop
 from facenet_jax.train import train_state
 import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
 
-# Trains runs or starts scripts: left out of the quick loop (-m "not slow").
+# Trains runs, starts scripts or compiles the tiny model: left out of the
+# quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
 
 STREAMS = ("rgb_backbone", "ni_backbone", "ti_backbone")
