@@ -98,7 +98,12 @@ def main(argv):
       console.print(visualize.where(written, log_file))
       return
     if _MODE.value == "train":
-      loop.train_and_evaluate(config, _WORKDIR.value, console)
+      try:
+        loop.train_and_evaluate(config, _WORKDIR.value, console)
+      except loop.Interrupted as e:
+        console.print("")
+        console.print(str(e))
+        sys.exit(loop.INTERRUPTED_STATUS)
     else:
       evaluate.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value, console)
     console.print("")

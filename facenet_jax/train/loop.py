@@ -10,12 +10,15 @@ final state.
 import functools
 import math
 import os
+import signal
+import threading
 
 from absl import logging
 from clu import metric_writers
 from clu import parameter_overview
 from clu import periodic_actions
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -36,6 +39,71 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
+# The exit status of a run stopped by SIGTERM or SIGINT after saving its
+# step (EX_TEMPFAIL: run the same command again to continue).
+INTERRUPTED_STATUS = 75
+
+
+class Interrupted(Exception):
+  """SIGTERM or SIGINT stopped training after a checkpoint of this step."""
+
+  def __init__(self, signal_name: str, step: int, directory: str):
+    super().__init__(f"Stopped by {signal_name} at step {step}: saved "
+                     f"{os.path.join(directory, str(step))}; run the same "
+                     "command again to continue from it.")
+    self.signal_name, self.step, self.directory = signal_name, step, directory
+
+
+class _StopSignals:
+  """Turns SIGTERM and SIGINT into a request the loop reads between steps.
+
+  A scheduler's preemption (SIGTERM) or a Ctrl-C (SIGINT) does not kill the
+  step or a save in progress: the loop finishes its step, saves it and
+  raises Interrupted. Later signals while that happens are logged and
+  otherwise ignored. The previous handlers come back on exit. Handlers can
+  only be installed from the main thread; elsewhere nothing changes.
+  """
+
+  def __init__(self):
+    self.name = None
+    self._previous = {}
+
+  def __enter__(self) -> "_StopSignals":
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    name = signal.Signals(signum).name
+    if self.name is None:
+      self.name = name
+      logging.warning("%s received: saving the current step, then stopping.",
+                      name)
+    else:
+      logging.warning("%s received again: still saving, then stopping.", name)
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _stop_requested(stop: _StopSignals, step: int, log_every: int) -> bool:
+  """Whether every process stops after `step`.
+
+  One process reads its own flag every step. Several agree at the log
+  steps (one small all-gather there, not every step), so that all of them
+  save the same step.
+  """
+  if jax.process_count() == 1:
+    return stop.name is not None
+  if step % log_every:
+    return False
+  flags = multihost_utils.process_allgather(np.int32(stop.name is not None))
+  return bool(np.max(flags))
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str,
     console: console_lib.Console = console_lib.SILENT) -> dict:
@@ -52,6 +120,10 @@ def train_and_evaluate(
     The evaluation results on config.eval.split (also written to
     WORKDIR/eval_results.json for test, eval_results_val.json for val;
     evaluate.results_file names those of a config.eval.missing set).
+
+  Raises:
+    Interrupted: SIGTERM or SIGINT arrived; the step it arrived in was
+      finished and saved (the same call continues from it).
   """
   # --- Config, checked before any data is read --------------------------------
   sharding = mesh.Sharding.create()
@@ -127,29 +199,39 @@ def train_and_evaluate(
   report = periodic_actions.ReportProgress(num_train_steps=num_steps,
                                            writer=writer)
 
-  # --- Loop -------------------------------------------------------------------
+  # --- Loop (SIGTERM / SIGINT: save this step, then stop) ---------------------
   batches = feed.input_batches(config, train_data, sharding, start_step)
   pending = []
   last_saved = start_step
   bar = console.progress(num_steps, "train", initial=start_step)
-  for step in range(start_step + 1, num_steps + 1):
-    state, metrics = step_fn(state, next(batches))
-    pending.append(metrics)
-    report(step)
-    is_last = step == num_steps
-    if step % config.log_every_steps == 0 or is_last:
-      bar.update(step, loss=_write_metrics(writer, step, pending))
-      pending = []
-    else:
-      bar.update(step)
-    if step % config.checkpoint_every_steps == 0 or is_last:
-      _check_finite(state, step, last_saved, ckpt.directory)
-      ckpt.save(step, state)
-      last_saved = step
-  bar.close()
-  batches.close()  # Stops the prefetch thread.
-  ckpt.wait()
-  writer.flush()
+  stopped_at = None
+  with _StopSignals() as stop:
+    for step in range(start_step + 1, num_steps + 1):
+      state, metrics = step_fn(state, next(batches))
+      pending.append(metrics)
+      report(step)
+      stopping = _stop_requested(stop, step, config.log_every_steps)
+      is_last = step == num_steps or stopping
+      if step % config.log_every_steps == 0 or is_last:
+        bar.update(step, loss=_write_metrics(writer, step, pending))
+        pending = []
+      else:
+        bar.update(step)
+      if step % config.checkpoint_every_steps == 0 or is_last:
+        _check_finite(state, step, last_saved, ckpt.directory)
+        ckpt.save(step, state)
+        last_saved = step
+      if stopping and step < num_steps:
+        stopped_at = step
+        break
+    bar.close()
+    batches.close()  # Stops the prefetch thread.
+    ckpt.wait()
+    writer.flush()
+  if stopped_at is not None:
+    ckpt.close()
+    raise Interrupted(stop.name or "a signal to another process", stopped_at,
+                      ckpt.directory)
 
   # --- Evaluation of the final state ------------------------------------------
   results = evaluate.evaluate(config, workdir, model, state, sharding, console)

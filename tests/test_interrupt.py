@@ -1,0 +1,102 @@
+"""SIGTERM (a scheduler's preemption) or SIGINT saves the current step and stops.
+
+scripts/main.py on synthetic_flare/tiny: a run is sent SIGTERM once it has
+logged a few steps. It must save the step it was in, print one line saying
+where, exit with status 75, and on the same command again continue from that
+step to the same parameters as a run that was never interrupted.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl.testing import absltest
+import jax
+import numpy as np
+import pytest
+
+from facenet_jax import warm_start
+from facenet_jax.train import loop
+import subprocess_env
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 40
+
+
+def _command(workdir: str, data_dir: str) -> list[str]:
+  return [sys.executable, os.path.join(ROOT, "scripts", "main.py"),
+          "--config", os.path.join(ROOT, "configs", "tiny.py"),
+          "--workdir", workdir, f"--config.data_dir={data_dir}",
+          f"--config.num_train_steps={STEPS}", "--config.log_every_steps=1",
+          "--config.checkpoint_every_steps=1000"]
+
+
+def _logged_steps(workdir: str) -> int:
+  """The last step whose metrics the run has logged (0 before any)."""
+  try:
+    with open(os.path.join(workdir, "log.txt")) as f:
+      found = re.findall(r"\[(\d+)\] train/", f.read())
+  except FileNotFoundError:
+    return 0
+  return max((int(s) for s in found), default=0)
+
+
+class InterruptTest(absltest.TestCase):
+
+  def test_sigterm_saves_the_step_and_the_rerun_ends_identical(self):
+    root = tempfile.mkdtemp(prefix="interrupt_")
+    # The prepared synthetic_flare/tiny that the other test modules share.
+    data_dir = os.path.join(absltest.get_default_test_tmpdir(), "tfds")
+    env = subprocess_env.script_env()
+    interrupted = os.path.join(root, "interrupted")
+    process = subprocess.Popen(_command(interrupted, data_dir), env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 600
+    while _logged_steps(interrupted) < 3 and process.poll() is None:
+      self.assertLess(time.time(), deadline, "the run logged no steps")
+      time.sleep(0.2)
+    # A second signal while the step is saved is logged and changes nothing.
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=600)
+    self.assertEqual(process.returncode, loop.INTERRUPTED_STATUS,
+                     out[-2000:] + err[-2000:])
+    match = re.search(r"Stopped by SIGTERM at step (\d+): saved (\S+); run "
+                      r"the same command again to continue from it\.", out)
+    self.assertIsNotNone(match, out[-2000:])
+    stopped = int(match.group(1))
+    self.assertBetween(stopped, 3, STEPS - 1)
+    self.assertEqual(match.group(2),
+                     os.path.join(interrupted, "checkpoints", str(stopped)))
+    self.assertTrue(os.path.isdir(match.group(2)))
+    self.assertFalse(os.path.exists(os.path.join(interrupted,
+                                                 "eval_results.json")))
+
+    # The same command continues from the saved step to the end.
+    done = subprocess.run(_command(interrupted, data_dir), env=env,
+                          capture_output=True, text=True, timeout=900,
+                          check=False)
+    self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+    self.assertIn(f"resumed from step {stopped}", done.stdout)
+
+    uninterrupted = os.path.join(root, "uninterrupted")
+    done = subprocess.run(_command(uninterrupted, data_dir), env=env,
+                          capture_output=True, text=True, timeout=900,
+                          check=False)
+    self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+    step_a, resumed = warm_start.read_variables(interrupted)
+    step_b, straight = warm_start.read_variables(uninterrupted)
+    self.assertEqual((step_a, step_b), (STEPS, STEPS))
+    jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+
+
+if __name__ == "__main__":
+  absltest.main()
