@@ -24,7 +24,7 @@ import importlib.metadata
 import json
 import os
 import platform
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from absl import logging
 import jax
@@ -443,6 +443,26 @@ def check_run_dir(workdir: str, step: Optional[int] = None) -> list[int]:
   return steps
 
 
+class CheckpointWriteError(PermissionError):
+  """A checkpoint could not be written: a full or read-only disk.
+
+  A PermissionError, so that the scripts show it as one line (the disk, not
+  the code, is at fault); `errno` is the underlying error's.
+  """
+
+  def __init__(self, directory: str, step: Optional[int], kept: Sequence[int],
+               cause: OSError):
+    super().__init__(
+        cause.errno,
+        f"Could not write the checkpoint of step {step} to {directory} "
+        f"({cause.strerror or cause}); the checkpoints already there "
+        f"{kept or '(none)'} are intact. Free space or fix the permissions, "
+        "then run the same command again to continue from the last one.")
+
+  def __str__(self) -> str:
+    return self.args[1]
+
+
 class Checkpointer:
   """Periodic saves, keep-last-N, and restore of an abstract state."""
 
@@ -459,11 +479,29 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any) -> None:
-    """Saves asynchronously; `wait` blocks until it is on disk."""
-    self._manager.save(step, args=ocp.args.StandardSave(state))
+    """Saves asynchronously; `wait` blocks until it is on disk.
+
+    Raises:
+      CheckpointWriteError: the directory cannot be written (full,
+        read-only); the checkpoints already there are left as they were
+        (Orbax writes a step into a temporary directory and renames it only
+        once it is complete).
+    """
+    try:
+      self._manager.save(step, args=ocp.args.StandardSave(state))
+    except OSError as e:
+      raise CheckpointWriteError(self.directory, step, self.all_steps(),
+                                 e) from e
+    self._pending = step
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the last save is on disk (CheckpointWriteError if not)."""
+    try:
+      self._manager.wait_until_finished()
+    except OSError as e:
+      raise CheckpointWriteError(self.directory, getattr(self, "_pending",
+                                                         None),
+                                 self.all_steps(), e) from e
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> Any:
     """Restores `step` (default latest) into the shapes/shardings given.

@@ -190,8 +190,10 @@ def start_script_logs(workdir: str, verbosity: int, startup_text: str) -> str:
 
 # Errors that mean "the input is wrong", not "the code is": bad config values,
 # datasets, checkpoints (ValueError and its subclasses), a missing file, a
-# training that diverged. Shown as one line with exit status 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+# training that diverged, a workdir that cannot be written (a full or
+# read-only disk). Shown as one line with exit status 2.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError,
+               PermissionError)
 USER_ERROR_STATUS = 2
 
 

@@ -1,10 +1,12 @@
 """Trainer pieces: data-parallel equivalence, schedules, config mapping."""
 
+import errno
 import functools
 import json
 import os
 import tempfile
 import time
+from unittest import mock
 
 from absl.testing import absltest
 import pytest
@@ -14,6 +16,7 @@ import optax
 
 from configs import tiny
 from facenet_jax import checkpointing
+from facenet_jax import console as console_lib
 from facenet_jax.train import build
 from facenet_jax.train import extract
 from facenet_jax.train import feed
@@ -407,6 +410,32 @@ class InputTest(absltest.TestCase):
       config.input[field] = value
       with self.assertRaisesRegex(ValueError, f"config.input.{field}"):
         feed.check_config(config, mesh.Sharding.create())
+
+
+class CheckpointWriteTest(absltest.TestCase):
+
+  def test_a_full_disk_is_one_error_and_the_last_checkpoint_stays(self):
+    workdir = tempfile.mkdtemp()
+    ckpt = checkpointing.Checkpointer(workdir)
+    state = {"w": np.arange(4, dtype=np.float32)}
+    ckpt.save(1, state)
+    ckpt.wait()
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with mock.patch.object(ckpt._manager, "save", side_effect=full):  # pylint: disable=protected-access
+      with self.assertRaises(checkpointing.CheckpointWriteError) as caught:
+        ckpt.save(2, state)
+    message = str(caught.exception)
+    self.assertIn(f"step 2 to {ckpt.directory}", message)
+    self.assertIn("No space left on device", message)
+    self.assertIn("[1] are intact", message)
+    self.assertEqual(caught.exception.errno, errno.ENOSPC)
+    # The scripts show it as one line, a user error.
+    self.assertIsInstance(caught.exception, console_lib.USER_ERRORS)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    np.testing.assert_array_equal(ckpt.restore(abstract)["w"], state["w"])
+    self.assertEqual(ckpt.all_steps(), [1])
+    ckpt.close()
 
 
 class EmptySplitTest(absltest.TestCase):
