@@ -1,7 +1,7 @@
 """A real dataset with the flare mechanism chosen on synthetic_flare's val split.
 
 configs/default.py's mechanism (several choices beyond the paper, each
-labelled there; docs/results.md) with the paper's recipe, on the dataset
+labelled there; docs/studies.md) with the paper's recipe, on the dataset
 named after the colon. It was chosen on generated data with tiny ResNet18
 streams trained from scratch, so on a real dataset compare it with the
 paper's reading (configs/<dataset>.py) on a validation split carved from the

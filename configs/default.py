@@ -1,7 +1,7 @@
 """Default configuration: the paper's training recipe (section 5), WMVeID863-like data.
 
 The training recipe is the paper's. The flare mechanism's defaults are what
-the validation split of synthetic_flare chose (docs/results.md), several of
+the validation split of synthetic_flare chose (docs/studies.md), several of
 them beyond the paper and labelled so below; configs/paper.py is the same
 with the paper's reading of every one of them.
 
@@ -140,7 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.smp_topk_fraction = 0.25
   # The five fields below and loss.flare_pixel_weight,
   # loss.fce_consistency_weight and loss.modality are set to what the
-  # validation split chose (docs/results.md, "Choosing on the validation
+  # validation split chose (docs/studies.md, "Choosing on the validation
   # split"); configs/paper.py restores the paper's reading of each.
   # Beyond the paper (paper: False): the mask branch reads stop-gradient
   # features, so the flare losses train the branch but not the backbones.
@@ -170,7 +170,7 @@ def get_config() -> ml_collections.ConfigDict:
   # fusion_weight at fusion_full_ratio). Beyond the paper
   # (paper: "concat"): "saturation", weight 0.5 at a fraction of 0.4, is the
   # candidate that held on the validation split under mild, rendered and
-  # severe glare (docs/results.md); scripts/fusion.py chooses a finished
+  # severe glare (docs/studies.md); scripts/fusion.py chooses a finished
   # run's own on its val split (the real-dataset configs keep "concat").
   config.model.fusion = "saturation"
   config.model.fusion_weight = 0.5

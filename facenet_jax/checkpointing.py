@@ -37,7 +37,7 @@ CONFIG_FILE = "config.json"
 RUN_INFO_FILE = "run_info.json"
 # The packages whose versions can change a run's numbers: a run is
 # deterministic for one set of them, not necessarily across sets (the
-# commit that recorded a 46.0 val mAP in docs/results.md gives 49.2 under
+# commit that recorded a 46.0 val mAP in docs/studies.md gives 49.2 under
 # later packages), so run_info.json records them.
 ENVIRONMENT_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
                         "numpy", "tensorflow", "tensorflow-cpu",
@@ -87,7 +87,7 @@ ADDED_FIELDS = {"preprocess": {"clahe": False, "clahe_clip_limit": 0.01},
                 "val_ids": 0}
 
 # The last commit with the code of the switches that lost on the validation
-# split and were retired (docs/results.md names each study's numbers):
+# split and were retired (docs/studies.md names each study's numbers):
 # check it out to rerun those studies or to use a run trained with one on.
 RETIRED_COMMIT = "f5a0e73"
 
@@ -151,7 +151,7 @@ def _as_current(saved: dict, path: str) -> dict:
   if refused:
     raise RetiredSwitchError(
         f"{path} sets {', '.join(refused)}: retired after losing on the "
-        "validation split (docs/results.md). Commit "
+        "validation split (docs/studies.md, 'Retired switches'). Commit "
         f"{RETIRED_COMMIT} has the code that trains and evaluates it: "
         f"`git checkout {RETIRED_COMMIT}` to use this run.")
   for r in RETIRED:
@@ -471,6 +471,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self._last_saved = None  # The step of the last save requested.
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -487,20 +488,19 @@ class Checkpointer:
         (Orbax writes a step into a temporary directory and renames it only
         once it is complete).
     """
+    self._last_saved = step
     try:
       self._manager.save(step, args=ocp.args.StandardSave(state))
     except OSError as e:
       raise CheckpointWriteError(self.directory, step, self.all_steps(),
                                  e) from e
-    self._pending = step
 
   def wait(self) -> None:
     """Blocks until the last save is on disk (CheckpointWriteError if not)."""
     try:
       self._manager.wait_until_finished()
     except OSError as e:
-      raise CheckpointWriteError(self.directory, getattr(self, "_pending",
-                                                         None),
+      raise CheckpointWriteError(self.directory, self._last_saved,
                                  self.all_steps(), e) from e
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> Any:
@@ -534,5 +534,5 @@ class Checkpointer:
           f"from the config (different model fields or dataset?): {e}") from e
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()

@@ -9,7 +9,7 @@ streaks, sun discs with rays and ghosts): one or two rotated anisotropic
 super-Gaussian blobs with flat saturated cores, a random tint, a faint veil
 over the frame and independent RGB / NI gains. (Restoration training, which
 rendered it onto training copies, lost on the validation split and was
-retired: docs/results.md.)
+retired: docs/studies.md.)
 
 Everything is a pure function of a key, jittable, on raw images in [0, 1]
 (NHWC, 3 channels; NI is stored as three equal channels).

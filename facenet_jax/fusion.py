@@ -27,7 +27,7 @@ Weights (`stream_weights`), from the evidence an image carries at inference:
               threshold) and reaches `weight` at `full_ratio`.
 A learned gate over the same evidence, trained by a triplet on this distance,
 did not beat the fixed rule on the validation split and was retired
-(docs/results.md).
+(docs/studies.md).
 """
 
 from typing import Optional

@@ -54,7 +54,7 @@ CANDIDATES = (
       for w in (0.5, 0.25, 0.0) for r in (0.1, 0.2, 0.4)),
 )
 # configs/default.py's fusion, the candidate that held across glare strengths
-# on val (docs/results.md): ranked on test beside concat and a run's choice.
+# on val (docs/studies.md): ranked on test beside concat and a run's choice.
 DEFAULT = Candidate("saturation, w 0.5 at 0.4", "saturation", 0.5, 0.4)
 
 

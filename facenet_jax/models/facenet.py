@@ -166,7 +166,7 @@ def pool_positions(position_logits: Array, topk_fraction: float) -> Array:
   Each channel's value is the mean of its highest ceil(topk_fraction * h * w)
   positions: a flare covers part of an image, so the image is flared when
   its most flared part is. (Log-mean-exp, max and mean pooling lost to it on
-  the validation split and were retired: docs/results.md.)
+  the validation split and were retired: docs/studies.md.)
   """
   b, h, w, c = position_logits.shape
   # Positions last: top_k works on the last axis.
