@@ -2,6 +2,10 @@
 
 A run's workdir holds:
   checkpoints/<step>/   Orbax StandardSave of the TrainState pytree.
+  checkpoints_damaged/<step>/
+                        a checkpoint that could not be read when the run
+                        resumed (moved aside, never deleted; see
+                        Checkpointer.restore_latest_intact).
   config.json           the run's ConfigDict, written at the first start and
                         compared at every restart and every restore.
   run_info.json         values derived from the data, and the environment
@@ -28,6 +32,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -186,6 +191,33 @@ def split_file(name: str, split: str) -> str:
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the configuration or model it is restored into."""
+
+
+class CheckpointDamagedError(ValueError):
+  """A checkpoint's files cannot be read: a copy cut short or a file lost.
+
+  Told apart from CheckpointMismatchError by the checkpoint's own metadata:
+  where that is readable and lists the very tree and shapes asked for, the
+  failure is in the files, not in the model.
+  """
+
+  def __init__(self, directory: str, step: int, cause: BaseException,
+               steps: Sequence[int]):
+    others = [s for s in steps if s != step]
+    super().__init__(
+        f"Checkpoint {os.path.join(directory, str(step))} is damaged and "
+        f"cannot be read ({first_line(cause)}). Other checkpoints: "
+        f"{others or '(none)'}" + (
+            f"; pass --step {max(others)} to use the newest of them (a "
+            "resumed training skips damaged checkpoints by itself)."
+            if others else "."))
+    self.directory, self.step, self.cause = directory, step, cause
+
+
+def first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  line = text[0] if text else type(error).__name__
+  return line if len(line) <= 200 else line[:197] + "..."
 
 
 def flatten_config(config: Any, prefix: str = "") -> dict:
@@ -443,6 +475,24 @@ def check_run_dir(workdir: str, step: Optional[int] = None) -> list[int]:
   return steps
 
 
+# Where a resumed run moves the checkpoints it could not read.
+DAMAGED_DIRECTORY = "checkpoints_damaged"
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+  """{path: shape} of a pytree of arrays or of their metadata."""
+
+  def name(entry) -> str:
+    for attribute in ("key", "name", "idx"):
+      if hasattr(entry, attribute):
+        return str(getattr(entry, attribute))
+    return str(entry)
+
+  return {"/".join(name(e) for e in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+          if hasattr(leaf, "shape")}
+
+
 class CheckpointWriteError(PermissionError):
   """A checkpoint could not be written: a full or read-only disk.
 
@@ -468,8 +518,9 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    # The handler named here lets item_metadata read a step's saved tree.
     self._manager = ocp.CheckpointManager(
-        self.directory,
+        self.directory, item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
     self._last_saved = None  # The step of the last save requested.
 
@@ -518,6 +569,7 @@ class Checkpointer:
       FileNotFoundError: no checkpoint (or not that step) in the workdir.
       CheckpointMismatchError: the saved state's structure or shapes differ
         from the model built from the config.
+      CheckpointDamagedError: the checkpoint's files cannot be read.
     """
     step = self.latest_step() if step is None else step
     if step is None or step not in self._manager.all_steps():
@@ -528,10 +580,80 @@ class Checkpointer:
     try:
       return self._manager.restore(
           step, args=ocp.args.StandardRestore(abstract_state))
-    except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointMismatchError(
-          f"Checkpoint {self.directory}/{step} does not match the model built "
-          f"from the config (different model fields or dataset?): {e}") from e
+    except Exception as e:  # pylint: disable=broad-except
+      # TensorStore reports a lost or short file as a bare Exception.
+      raise self._read_error(step, abstract_state, e) from e
+
+  def _read_error(self, step: int, abstract_state: Any,
+                  error: Exception) -> ValueError:
+    """Why `step` did not restore: the model differs, or the files are bad."""
+    try:
+      saved = _leaf_shapes(self._manager.item_metadata(step))
+    except Exception as e:  # pylint: disable=broad-except
+      return CheckpointDamagedError(self.directory, step, e, self.all_steps())
+    if not saved:
+      return CheckpointDamagedError(self.directory, step, error,
+                                    self.all_steps())
+    wanted = _leaf_shapes(abstract_state)
+    if saved == wanted:
+      return CheckpointDamagedError(self.directory, step, error,
+                                    self.all_steps())
+    differ = sorted(set(saved.items()) ^ set(wanted.items()))
+    return CheckpointMismatchError(
+        f"Checkpoint {self.directory}/{step} does not match the model built "
+        f"from the config (different model fields or dataset?): "
+        f"{len(differ)} leaves differ, first {differ[0][0]} "
+        f"(saved {saved.get(differ[0][0])}, model {wanted.get(differ[0][0])})"
+        f"; {first_line(error)}")
+
+  def restore_latest_intact(self, abstract_state: Any
+                            ) -> tuple[Any, list[CheckpointDamagedError]]:
+    """Restores the newest checkpoint that reads, for a resumed run.
+
+    A damaged newer checkpoint is moved to WORKDIR/checkpoints_damaged/ (not
+    deleted) by process 0, so that the run saves its steps again after the
+    one it resumes from; each one is logged as a warning.
+
+    Returns:
+      The restored state and the damaged checkpoints skipped, newest first.
+
+    Raises:
+      CheckpointMismatchError: as `restore`; nothing is moved.
+      CheckpointDamagedError: no checkpoint reads (the newest one's error);
+        nothing is moved.
+    """
+    skipped = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state = self.restore(abstract_state, step)
+      except CheckpointDamagedError as e:
+        skipped.append(e)
+        continue
+      for damaged in skipped:
+        logging.warning("Skipped checkpoint step %d: %s", damaged.step,
+                        damaged)
+        self._set_aside(damaged.step)
+      return state, skipped
+    if skipped:
+      raise skipped[0]
+    return self.restore(abstract_state), skipped  # FileNotFoundError.
+
+  def _set_aside(self, step: int) -> None:
+    """Moves checkpoints/<step> to checkpoints_damaged/ and rereads the list."""
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory),
+                           DAMAGED_DIRECTORY)
+      os.makedirs(aside, exist_ok=True)
+      target, copy = os.path.join(aside, str(step)), 0
+      while os.path.exists(target):
+        copy += 1
+        target = os.path.join(aside, f"{step}.{copy}")
+      os.rename(os.path.join(self.directory, str(step)), target)
+      logging.warning("Moved the damaged checkpoint of step %d to %s", step,
+                      target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    self._manager.reload()
 
   def close(self) -> None:
     self.wait()

@@ -4,6 +4,11 @@ scripts/main.py on synthetic_flare/tiny: a run is sent SIGTERM once it has
 logged a few steps. It must save the step it was in, print one line saying
 where, exit with status 75, and on the same command again continue from that
 step to the same parameters as a run that was never interrupted.
+
+The finished run's last checkpoint is then damaged (a file cut short):
+`--mode eval` says so in one line, and the same training command skips it,
+resumes from the step saved at the signal and ends at the same parameters
+again.
 """
 
 import os
@@ -19,6 +24,7 @@ import jax
 import numpy as np
 import pytest
 
+from facenet_jax import checkpointing
 from facenet_jax import warm_start
 from facenet_jax.train import loop
 import subprocess_env
@@ -96,6 +102,36 @@ class InterruptTest(absltest.TestCase):
     step_b, straight = warm_start.read_variables(uninterrupted)
     self.assertEqual((step_a, step_b), (STEPS, STEPS))
     jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+
+    # The last checkpoint cut short: evaluation names it ...
+    last = os.path.join(interrupted, "checkpoints", str(STEPS))
+    _truncate_largest_file(last)
+    evaluated = subprocess.run(
+        _command(interrupted, data_dir) + ["--mode", "eval"], env=env,
+        capture_output=True, text=True, timeout=600, check=False)
+    self.assertEqual(evaluated.returncode, 2, evaluated.stderr[-2000:])
+    self.assertRegex(evaluated.stderr + evaluated.stdout,
+                     rf"checkpoints/{STEPS} is damaged and cannot be read .*"
+                     rf"pass --step {stopped}")
+    # ... and training skips it, keeps it aside and ends the same again.
+    redone = subprocess.run(_command(interrupted, data_dir), env=env,
+                            capture_output=True, text=True, timeout=900,
+                            check=False)
+    self.assertEqual(redone.returncode, 0, redone.stderr[-2000:])
+    self.assertIn(f"the checkpoint of step {STEPS} is damaged", redone.stdout)
+    self.assertIn(f"resumed from step {stopped}", redone.stdout)
+    self.assertTrue(os.path.isdir(os.path.join(
+        interrupted, checkpointing.DAMAGED_DIRECTORY, str(STEPS))))
+    _, again = warm_start.read_variables(interrupted)
+    jax.tree.map(np.testing.assert_array_equal, again, straight)
+
+
+def _truncate_largest_file(directory: str) -> None:
+  files = [os.path.join(root, name)
+           for root, _, names in os.walk(directory) for name in names]
+  path = max(files, key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
 
 
 if __name__ == "__main__":

@@ -171,10 +171,17 @@ def train_and_evaluate(
   fresh = lambda: jax.jit(init_fn, out_shardings=replicated)(rng)
   if resuming:
     try:
-      state = ckpt.restore(mesh.with_sharding(abstract, replicated))
+      state, damaged = ckpt.restore_latest_intact(
+          mesh.with_sharding(abstract, replicated))
     except BaseException:
       ckpt.close()
       raise
+    aside = os.path.join(workdir, checkpointing.DAMAGED_DIRECTORY)
+    for skipped in damaged:
+      reason = checkpointing.first_line(skipped.cause)
+      console.print(f"warning: the checkpoint of step {skipped.step} is "
+                    f"damaged ({reason}); moved to {aside}, resuming from "
+                    "the newest intact one")
     logging.info("Resumed from step %d", int(mesh.to_host(state.step)))
   elif config.model.init_from:
     state = mesh.put_replicated(
