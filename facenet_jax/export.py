@@ -381,16 +381,35 @@ def export(embedder: inference.Embedder, fmt: str, path: str,
   raise _unknown_format(fmt)
 
 
-def runner(fmt: str, path: str) -> Callable[[Mapping[str, np.ndarray]], dict]:
+def runner(fmt: str, path: str, config: Any = None
+           ) -> Callable[[Mapping[str, np.ndarray]], dict]:
   """An exported file, loaded once, as `Embedder.inputs` dict -> outputs.
 
-  The outputs: {"embedding": (B, 3D), "weights": (B, 3)}.
+  Args:
+    fmt: one of FORMATS.
+    path: the exported file.
+    config: the run's config; given, every call first checks its inputs
+      (inference.check_network_inputs: names, dtypes, shapes, NaN, ranges)
+      and raises ValueError naming the bad one, where the runtimes would
+      check dtypes and shapes only.
+
+  Returns:
+    inputs -> {"embedding": (B, 3D), "weights": (B, 3)}.
   """
   if fmt == "onnx":
-    return onnx_runner(path)
-  if fmt == "stablehlo":
-    return stablehlo_runner(path)
-  raise _unknown_format(fmt)
+    run = onnx_runner(path)
+  elif fmt == "stablehlo":
+    run = stablehlo_runner(path)
+  else:
+    raise _unknown_format(fmt)
+  if config is None:
+    return run
+
+  def checked(inputs: Mapping[str, np.ndarray]) -> dict:
+    inference.check_network_inputs(inputs, config)
+    return run(inputs)
+
+  return checked
 
 
 def check_triplets(input_size: Sequence[int], num: int,
@@ -440,7 +459,7 @@ def max_differences(embedder: inference.Embedder, fmt: str, path: str,
   """
   expected = embedder.embed(*raw)
   inputs = embedder.inputs(*raw)
-  run = runner(fmt, path)
+  run = runner(fmt, path, embedder.config)
   out = {}
   for size in sorted({len(expected["embedding"]), 1}, reverse=True):
     got = run({k: v[:size] for k, v in inputs.items()})

@@ -21,7 +21,7 @@ fed in any runtime (docs/export.md).
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import ml_collections
@@ -151,18 +151,87 @@ def network_inputs(rgb: np.ndarray, ni: np.ndarray, ti: np.ndarray,
 
 
 def _as_batch(name: str, images: np.ndarray) -> np.ndarray:
+  """One raw image or a batch as (B, H, W, 3) uint8; ValueError naming `name`."""
   images = np.asarray(images)
   if images.dtype != np.uint8:
-    raise ValueError(f"{name}: expected raw uint8 images, got {images.dtype}")
+    hint = (" (floats in [0, 1]? pass (x * 255).round().astype(np.uint8))"
+            if images.dtype.kind == "f" else "")
+    raise ValueError(f"{name}: expected raw uint8 images, got "
+                     f"{images.dtype}{hint}")
   if images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (1, 3)):
     # One image: (H, W), (H, W, 1) or (H, W, 3).
     images = images[None] if images.ndim == 3 else images[None, ..., None]
-  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+  if images.ndim != 4:
     raise ValueError(f"{name}: expected (H, W, 3) or (B, H, W, 3) uint8 "
                      f"images, got shape {images.shape}")
+  if images.shape[-1] not in (1, 3):
+    raise ValueError(f"{name}: expected 3 channels (or 1, repeated), got "
+                     f"{images.shape[-1]} in shape {images.shape}")
+  if 0 in images.shape:
+    raise ValueError(f"{name}: no pixels or no images, shape {images.shape}")
   if images.shape[-1] == 1:
     images = np.repeat(images, 3, axis=-1)
   return images
+
+
+def check_network_inputs(inputs: Mapping[str, np.ndarray],
+                         config: ml_collections.ConfigDict) -> None:
+  """Refuses what `network_inputs` could not have made, naming the input.
+
+  What an exported model is fed (export.runner calls it): the INPUT_NAMES
+  and no others, float32, (B, H, W, 3) images at the run's input size and
+  within the range its normalisation gives raw pixels, finite, and (B, 2)
+  flare_ratio in [0, 1] with flare its pseudo-labels.
+
+  Raises:
+    ValueError: the first input that breaks the contract, and how.
+  """
+  names = set(inputs)
+  if names != set(INPUT_NAMES):
+    raise ValueError(f"inputs: expected {list(INPUT_NAMES)}, missing "
+                     f"{sorted(set(INPUT_NAMES) - names)}, unknown "
+                     f"{sorted(names - set(INPUT_NAMES))}")
+  h, w = config.input_size
+  batch = None
+  for name in INPUT_NAMES:
+    x = inputs[name]
+    shape = ((None, h, w, 3) if name in MODALITIES else
+             (None, len(FLARE_MODALITIES)))
+    if not isinstance(x, np.ndarray) and hasattr(x, "__array__"):
+      x = np.asarray(x)
+    if getattr(x, "dtype", None) != np.float32:
+      raise ValueError(f"{name}: expected float32, got "
+                       f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim != len(shape) or any(
+        want is not None and got != want for got, want in zip(x.shape, shape)):
+      wanted = ", ".join(map(str, shape[1:]))
+      raise ValueError(f"{name}: expected shape (B, {wanted}), got {x.shape}")
+    batch = x.shape[0] if batch is None else batch
+    if x.shape[0] != batch:
+      raise ValueError(f"{name}: {x.shape[0]} rows, but {INPUT_NAMES[0]} "
+                       f"has {batch}")
+    if not np.all(np.isfinite(x)):
+      raise ValueError(f"{name}: {np.size(x) - np.isfinite(x).sum()} values "
+                       "are NaN or infinite")
+    if name in MODALITIES:
+      row = MODALITIES.index(name)
+      mean = np.asarray(config.normalization.mean[row], np.float32)
+      std = np.asarray(config.normalization.std[row], np.float32)
+      low, high = (0.0 - mean) / std - 1e-3, (1.0 - mean) / std + 1e-3
+      if np.any(x < low) or np.any(x > high):
+        raise ValueError(
+            f"{name}: values in [{x.min():.3g}, {x.max():.3g}], outside the "
+            f"[{low.min():.3g}, {high.max():.3g}] that normalising uint8 "
+            "pixels gives (raw pixels? use inference.network_inputs)")
+  ratio, flare = inputs["flare_ratio"], inputs["flare"]
+  if np.any(ratio < 0) or np.any(ratio > 1):
+    raise ValueError("flare_ratio: saturated fractions must be in [0, 1], "
+                     f"got [{ratio.min():.3g}, {ratio.max():.3g}]")
+  expected = (ratio > config.flare.ratio_threshold).astype(np.float32)
+  if not np.array_equal(flare, expected):
+    raise ValueError("flare: must be flare_ratio > flare.ratio_threshold "
+                     f"({config.flare.ratio_threshold}) as 0/1; differs in "
+                     f"{int(np.sum(flare != expected))} of {flare.size} values")
 
 
 def flare_ratios(raw: dict, pixel_low: int) -> np.ndarray:

@@ -80,6 +80,64 @@ class InputsTest(absltest.TestCase):
         inputs["flare"], [[1, 0], [0, 1], [1, 1], [0, 0], [1, 0]])
 
 
+  def test_the_embedder_refuses_bad_images_naming_them(self):
+    embedder = _RUN["embedder"]
+    rgb, ni, ti = _RUN["raw"]
+    cases = [
+        ((rgb / 255.0, ni, ti), r"^rgb: expected raw uint8 images, got "
+         r"float64 \(floats in \[0, 1\]\? pass \(x \* 255\)"),
+        ((rgb, ni[..., :2], ti), r"^ni: expected 3 channels \(or 1, "
+         r"repeated\), got 2"),
+        ((rgb, ni, np.concatenate([ti, ti[..., :1]], -1)),
+         r"^ti: expected 3 channels .* got 4"),
+        ((rgb, ni, ti[None]), r"^ti: expected \(H, W, 3\) or \(B, H, W, 3\)"),
+        ((rgb, ni, ti[:2]), r"different numbers of images: "
+         r"\{'rgb': 5, 'ni': 5, 'ti': 2\}"),
+        ((rgb[:0], ni[:0], ti[:0]), r"^rgb: no pixels or no images"),
+        ((rgb[:, :0], ni, ti), r"^rgb: no pixels or no images"),
+    ]
+    for images, message in cases:
+      with self.subTest(message):
+        with self.assertRaisesRegex(ValueError, message):
+          embedder(*images)
+
+  def test_the_exported_contract_is_checked_input_by_input(self):
+    config = _RUN["embedder"].config
+    good = _RUN["embedder"].inputs(*_RUN["raw"])
+    inference.check_network_inputs(good, config)
+
+    def spoiled(name, value):
+      return {**good, name: value}
+
+    nan = good["ni"].copy()
+    nan[1, 2, 3, 0] = np.nan
+    wrong_flare = good["flare"].copy()
+    wrong_flare[3, 0] = 1.0 - wrong_flare[3, 0]
+    extra = {**good, "mask": good["flare"]}
+    missing = {k: v for k, v in good.items() if k != "ti"}
+    cases = [
+        (spoiled("rgb", good["rgb"].astype(np.float64)),
+         r"^rgb: expected float32, got float64"),
+        (spoiled("ti", good["ti"][:, :-1]), r"^ti: expected shape \(B, 64, "
+         r"32, 3\), got \(5, 63, 32, 3\)"),
+        (spoiled("ni", nan), r"^ni: 1 values are NaN or infinite"),
+        (spoiled("rgb", good["rgb"] * 255.0), r"^rgb: values in .* outside "
+         r"the .* that normalising uint8 pixels gives"),
+        (spoiled("flare_ratio", good["flare_ratio"] * 20.0),
+         r"^flare_ratio: saturated fractions must be in \[0, 1\]"),
+        (spoiled("flare", wrong_flare), r"^flare: must be flare_ratio > "
+         r"flare.ratio_threshold \(0.1\) as 0/1; differs in 1 of 10"),
+        (spoiled("flare", good["flare"][:3]), r"^flare: 3 rows, but rgb "
+         r"has 5"),
+        (extra, r"^inputs: expected .* missing \[\], unknown \['mask'\]"),
+        (missing, r"^inputs: expected .* missing \['ti'\], unknown \[\]"),
+    ]
+    for inputs, message in cases:
+      with self.subTest(message):
+        with self.assertRaisesRegex(ValueError, message):
+          inference.check_network_inputs(inputs, config)
+
+
 @pytest.mark.extras
 @absltest.skipUnless(_HAS_EXTRA, 'needs pip install -e ".[export]"')
 class OnnxTest(absltest.TestCase):
@@ -149,6 +207,11 @@ class StableHloTest(absltest.TestCase):
     diffs = export.max_differences(embedder, "stablehlo", path, _RUN["raw"])
     self.assertEqual(set(diffs), {BATCH, 1})
     self.assertLessEqual(max(diffs.values()), TOLERANCE)
+    # Given the config, the loaded export checks what it is fed.
+    inputs = embedder.inputs(*_RUN["raw"])
+    inputs["rgb"][0, 0, 0, 0] = np.inf
+    with self.assertRaisesRegex(ValueError, "^rgb: 1 values are NaN"):
+      export.runner("stablehlo", path, embedder.config)(inputs)
 
 
 class ErrorsTest(absltest.TestCase):
