@@ -18,30 +18,37 @@ the gallery's weights vary (the "saturation" fusion). But for any s,
   N - s Z = [w_q * u_q, -s w_q] . [w_g * u_g, w_g]
 
 is one: the index holds the "augmented" rows [w_g * u_g, w_g] (dimension
-D + 3), and a query is scaled by its own weights and by s. The k best scores
-are exactly the entries with N - s_k Z >= 0, s_k the k-th best score, so a
-search with any s <= s_k that returns an entry with N - s Z < 0 has returned
-every one of the k best (Dinkelbach's parametric form of a ratio). The exact
-backend runs that as a loop: search with s = 0, rerank the candidates by the
-exact distance, set s to the k-th best score found (a lower bound of s_k),
-search again, and double the candidates until the last one is below 0 by a
-margin that covers float32 rounding. The answer is then provably the
-evaluation's top k: the distances are those of fusion.numpy_distances (float64,
-returned as float32), ties broken by the gallery entry's position, entries of
-the query's identity and camera dropped when asked (evaluation.evaluate_rank's
-Market-1501 protocol). One index serves every weight pattern, so an
-approximate index needs no sub-index per weight level. With "concat" (all
-weights 1) Z is 3 for every pair and the index is the plain unit rows.
+D + 3), and a query is scaled by its own weights and by s. One index serves
+every weight pattern; no sub-index per weight level is needed.
 
-Backends (faiss, the `search` extra): "flat" (exact, IndexFlatIP) up to
-EXACT_THRESHOLD entries under "auto"; beyond it "ivf" (IVF-Flat, inner
-product, k-means trained on the gallery; nprobe lists searched) or, when
-asked, "hnsw" (a graph; no removal). An approximate search ranks
-`candidates` x k entries of the index by N - s Z (one pass with s = 0, and a
-second with s at the k-th best score found when `passes` is 2), then reranks
-them by the exact distance: its recall is measured by
-scripts/benchmark_search.py. The float32 embeddings are kept beside the index
-for that rerank.
+The exact backend ("flat", IndexFlatIP) returns provably the evaluation's top
+k. A search with parameter s returns the entries of largest N - s Z; an entry
+it did not return has N - s Z <= t, the last returned value, so its score is
+at most s + t / Z <= s + t / Z_lo (t >= 0; t / Z_hi for t < 0), Z_lo and Z_hi
+the query's smallest and largest normaliser over the gallery. The returned
+candidates are reranked by the exact distance; once that bound is below the
+k-th best score among them, no other entry can enter the top k. Otherwise s
+is raised to that k-th best score (a lower bound of the true one, so that
+with t < 0 the test passes: Dinkelbach's parametric form of a ratio) and the
+candidates are doubled; in practice two passes (s = 0, then s at the bound)
+settle every query. The distances are those of fusion.numpy_distances
+(float64, returned as float32), ties go to the earlier entry, and entries of
+the query's identity and camera are dropped when asked
+(evaluation.evaluate_rank's Market-1501 protocol); a margin covers faiss's
+float32 inner products. With "concat" (all weights 1), Z = 3 for every pair
+and the index holds the plain unit rows.
+
+Backends (faiss, the `search` extra): "flat" (exact) under "auto" up to
+EXACT_THRESHOLD_FLOATS / D entries; beyond it "hnsw" (a graph: M 32,
+efSearch 256; faiss's HNSW cannot remove entries); "ivf" (IVF-Flat,
+spherical k-means of about sqrt(n) lists, nprobe 32, removal works) when
+asked. An approximate index ranks `candidates` x k entries by N (s = 0; a
+second pass at the k-th best score found with `passes` 2) and reranks them by
+the exact distance; in its rows the weight columns are scaled down
+(`weight_scale`, undone on the query side), so that its graph or lists are
+made by what the images show rather than by their weights. The float32
+embeddings are kept beside the index for the rerank. Recall and speed:
+scripts/benchmark_search.py, docs/performance.md.
 
 The saved directory (`save`, docs/search.md): manifest.json (format version,
 count, dimension, fusion, the run fingerprint, the backend and its
@@ -67,9 +74,11 @@ FORMAT_NAME = "facenet_jax.gallery"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 BACKENDS = ("auto", "flat", "ivf", "hnsw")
-# "auto": exact up to this many entries, IVF-Flat beyond (docs/search.md:
-# where a flat search of 10^5 demo-sized rows still answers in milliseconds).
-EXACT_THRESHOLD = 200_000
+# "auto": exact up to this many floats in the index (entries x dimension:
+# 208,000 demo embeddings of 384, 13,000 of the paper's 6,144), HNSW beyond.
+# A flat search scans them all for every query, twice: about 10 ms a query
+# at the threshold on two cores, 25 ms at 10^6 x 384 (docs/performance.md).
+EXACT_THRESHOLD_FLOATS = 80_000_000
 SEARCH_HINT = ('the gallery search needs faiss, which is not installed: '
                'pip install -e ".[search]"')
 # Metadata columns: integer labels (-1 = unknown), a capture time (a number,
@@ -81,13 +90,16 @@ TEXT_COLUMNS = ("time",) + MODALITIES
 _IP_TOLERANCE = 1e-3
 # A segment norm further than this from 1/sqrt(3) is not a fused embedding.
 _NORM_TOLERANCE = 1e-3
-# Queries reranked at once (bounds the (chunk, candidates, D) float64 copy).
-_QUERY_CHUNK = 64
+# Queries searched at once (faiss's matrix products want many), and the
+# float64 elements of one rerank block (chunk x candidates x D).
+_QUERY_CHUNK = 512
+_RERANK_ELEMENTS = 1 << 23
 _DEFAULT_PARAMS = {
     "flat": {},
-    "ivf": {"nlist": 0, "nprobe": 32, "candidates": 4, "passes": 1},
-    "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128,
-             "candidates": 4, "passes": 1},
+    "ivf": {"nlist": 0, "nprobe": 32, "candidates": 4, "passes": 1,
+            "weight_scale": 0.01, "spherical": True},
+    "hnsw": {"M": 32, "ef_construction": 64, "ef_search": 256,
+             "candidates": 4, "passes": 1, "weight_scale": 0.01},
 }
 
 
@@ -199,7 +211,7 @@ class Gallery:
   def __init__(self, dim: int, fusion: str = "concat",
                fingerprint: Optional[Mapping[str, Any]] = None,
                backend: str = "auto", params: Optional[Mapping] = None,
-               exact_threshold: int = EXACT_THRESHOLD):
+               exact_threshold: Optional[int] = None):
     """An empty gallery.
 
     Args:
@@ -208,9 +220,10 @@ class Gallery:
       fingerprint: the run's (`run_fingerprint`); None for arrays of no run.
       backend: one of BACKENDS.
       params: the backend's parameters over _DEFAULT_PARAMS (ivf: nlist (0:
-        4 sqrt(n)), nprobe, candidates, passes; hnsw: M, ef_construction,
+        about sqrt(n)), nprobe, candidates, passes; hnsw: M, ef_construction,
         ef_search, candidates, passes).
-      exact_threshold: "auto" is flat up to this many entries.
+      exact_threshold: "auto" is flat up to this many entries (default
+        EXACT_THRESHOLD_FLOATS / dim).
     """
     if fusion not in fusion_lib.FUSIONS:
       raise ValueError(f"fusion must be one of {fusion_lib.FUSIONS}, got "
@@ -223,7 +236,8 @@ class Gallery:
     self.dim = int(dim)
     self.fusion = fusion
     self.fingerprint = dict(fingerprint) if fingerprint else None
-    self.exact_threshold = int(exact_threshold)
+    self.exact_threshold = int(exact_threshold or
+                               EXACT_THRESHOLD_FLOATS // self.dim)
     self._backend = _Backend(requested=backend, params=dict(params or {}))
     self._ids = np.zeros((0,), np.int64)
     self._embedding = np.zeros((0, self.dim), np.float32)
@@ -460,7 +474,7 @@ class Gallery:
   def _resolve_kind(self) -> str:
     if self._backend.requested != "auto":
       return self._backend.requested
-    return "flat" if self.size <= self.exact_threshold else "ivf"
+    return "flat" if self.size <= self.exact_threshold else "hnsw"
 
   def _index_rows(self, embedding: np.ndarray,
                   weights: np.ndarray) -> np.ndarray:
@@ -470,8 +484,18 @@ class Gallery:
         np.float32(np.sqrt(m)) * weights[:, :, None])
     rows = parts.reshape(len(embedding), -1)
     if self.augmented:
-      rows = np.concatenate([rows, weights], axis=1)
+      rows = np.concatenate([rows, self._weight_scale * weights], axis=1)
     return np.ascontiguousarray(rows, np.float32)
+
+  @property
+  def _weight_scale(self) -> float:
+    """The weight columns' scale in the index rows (1 / it on the queries).
+
+    1 for the flat index; small for a clustered one, so that its lists are
+    made (and entries assigned) by what the image shows, not by its weights.
+    """
+    return 1.0 if self.backend == "flat" else float(
+        self.backend_params.get("weight_scale", 1.0))
 
   def _query_rows(self, embedding: np.ndarray, weights: np.ndarray,
                   s: np.ndarray) -> np.ndarray:
@@ -482,7 +506,8 @@ class Gallery:
     rows = parts.reshape(len(embedding), -1)
     if self.augmented:
       rows = np.concatenate(
-          [rows, -np.asarray(s, np.float32)[:, None] * weights], axis=1)
+          [rows, -np.asarray(s / self._weight_scale, np.float32)[:, None] *
+           weights], axis=1)
     return np.ascontiguousarray(rows, np.float32)
 
   def _build_index(self) -> None:
@@ -501,15 +526,19 @@ class Gallery:
       graph.hnsw.efConstruction = int(params["ef_construction"])
       index = faiss.IndexIDMap2(graph)
     else:
+      # About sqrt(n) lists of about sqrt(n) rows, a power of two.
       nlist = int(params["nlist"]) or int(np.clip(
-          2 ** round(np.log2(max(4 * np.sqrt(max(n, 1)), 1))), 16, 65536))
+          2 ** round(np.log2(max(np.sqrt(max(n, 1)), 1))), 16, 65536))
       # k-means needs about 39 points per list; fewer lists on a small gallery.
       nlist = max(1, min(nlist, n // 39))
       self._backend.params["nlist"] = nlist
       quantizer = faiss.IndexFlatIP(d)
       index = faiss.IndexIVFFlat(quantizer, d, nlist,
                                  faiss.METRIC_INNER_PRODUCT)
-      sample = self._training_sample(min(n, 256 * nlist))
+      index.cp.spherical = bool(params["spherical"])
+      # 64 rows per list: k-means over more costs minutes at 10^6 and moves
+      # the recall little (scripts/benchmark_search.py).
+      sample = self._training_sample(min(n, 64 * nlist))
       index.train(self._index_rows(self._embedding[sample],
                                    self._weights[sample]))
       index.quantizer_trains_alone = 0
@@ -638,6 +667,13 @@ class Gallery:
     Returns:
       (B, C) float32 distances (inf at -1) and (B, C) float64 squared ones.
     """
+    step = max(1, _RERANK_ELEMENTS // max(rows.shape[1] * self.dim, 1))
+    if len(rows) > step:
+      parts = [self.exact_distances(embedding[i:i + step],
+                                    weights[i:i + step], rows[i:i + step])
+               for i in range(0, len(rows), step)]
+      return (np.concatenate([p[0] for p in parts]),
+              np.concatenate([p[1] for p in parts]))
     m = len(MODALITIES)
     b, c = rows.shape
     safe = np.maximum(rows, 0)
@@ -695,6 +731,11 @@ class Gallery:
     s_used = np.zeros(num_q)
     width = max(2 * k, k + 16)
     passes = 0
+    # The range of each query's normaliser Z = sum_S w_S(q) w_S(g) over the
+    # gallery (float64, as the scores).
+    w64 = weights.astype(np.float64)
+    z_lo = w64 @ self._weights.min(axis=0).astype(np.float64)
+    z_hi = w64 @ self._weights.max(axis=0).astype(np.float64)
     while todo.size:
       ex = None if excluded is None else (excluded[0][todo],
                                           excluded[1][todo])
@@ -708,14 +749,15 @@ class Gallery:
         kth = -np.partition(-score, k - 1, axis=1)[:, k - 1]
         bound[todo] = np.maximum(bound[todo], kth)
       everything = rows.shape[1] >= n
-      # s_used <= the k-th best score, and the last candidate's N - s Z is
-      # below 0: every entry with N - s Z >= 0, the k best among them, is in.
-      proven = (s_used[todo] <= bound[todo]) & (
-          scores[:, -1] < -_IP_TOLERANCE)
-      if not self.augmented:
-        # Z = 3 for every entry: the ranking is by N whatever s; compare the
-        # last candidate's score with the bound directly.
-        proven = (scores[:, -1] - 3.0 * bound[todo]) < -3 * _IP_TOLERANCE
+      # An entry the pass did not return has N - s Z <= the last candidate's
+      # value t, so its score N / Z is at most s + t / Z <= s + t / Z_lo
+      # (t >= 0) or s + t / Z_hi (t < 0). Below the k-th best score found,
+      # no such entry can be in the top k: the pass returned all of it.
+      # (With s at that score and t < 0 this is the Dinkelbach test above;
+      # with "concat", Z = 3 for every entry.)
+      last = scores[:, -1].astype(np.float64) + _IP_TOLERANCE
+      z = np.where(last >= 0, z_lo[todo], z_hi[todo])
+      proven = s_used[todo] + last / z < bound[todo]
       done = proven | everything
       out_d[todo[done]], out_r[todo[done]] = self._top(
           dist[done], rows[done], valid[done], k)
