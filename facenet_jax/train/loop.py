@@ -140,6 +140,12 @@ def train_and_evaluate(
                               config.data_dir or None):
     console.print(f"Preparing {_dataset_name(config)} (first use; done once, "
                   "kept in TFDS's data_dir)...")
+    if jax.process_count() > 1:
+      # Process 0 prepares it alone: TFDS's final rename of the prepared
+      # folder fails in all but one of several processes doing it at once.
+      if jax.process_index() == 0:
+        feed.split_data(config, "train")
+      multihost_utils.sync_global_devices("dataset prepared")
   train_data = feed.split_data(config, "train")
   num_classes = len(pipeline.train_label_map(train_data))
   num_cameras = int(train_data.camid.max()) + 1 if len(train_data.camid) else 0
