@@ -1,7 +1,6 @@
 """A persistent gallery of fused embeddings, searched with the run's fusion.
 
-  gal = Gallery.for_run(dim=embedder.dim, fusion="saturation",
-                        fingerprint=run_fingerprint(config, step, dim))
+  gal = Gallery.for_embedder(embedder, step)   # or Gallery(dim, fusion, ...)
   ids = gal.add(out["embedding"], out["weights"], {"pid": pids, "camid": cams})
   found = gal.search(q["embedding"], q["weights"], k=10)
   gal.save("/data/city_gallery"); gal = Gallery.load("/data/city_gallery")
@@ -24,31 +23,34 @@ every weight pattern; no sub-index per weight level is needed.
 The exact backend ("flat", IndexFlatIP) returns provably the evaluation's top
 k. A search with parameter s returns the entries of largest N - s Z; an entry
 it did not return has N - s Z <= t, the last returned value, so its score is
-at most s + t / Z <= s + t / Z_lo (t >= 0; t / Z_hi for t < 0), Z_lo and Z_hi
-the query's smallest and largest normaliser over the gallery. The returned
-candidates are reranked by the exact distance; once that bound is below the
-k-th best score among them, no other entry can enter the top k. Otherwise s
-is raised to that k-th best score (a lower bound of the true one, so that
-with t < 0 the test passes: Dinkelbach's parametric form of a ratio) and the
-candidates are doubled; in practice two passes (s = 0, then s at the bound)
-settle every query. The distances are those of fusion.numpy_distances
-(float64, returned as float32), ties go to the earlier entry, and entries of
-the query's identity and camera are dropped when asked
-(evaluation.evaluate_rank's Market-1501 protocol); a margin covers faiss's
-float32 inner products. With "concat" (all weights 1), Z = 3 for every pair
-and the index holds the plain unit rows.
+at most s + t / Z_lo (t >= 0; t / Z_hi for t < 0), Z_lo and Z_hi the query's
+smallest and largest normaliser over the gallery. The returned candidates
+are reranked by the exact distance; once that bound is below the k-th best
+score among them, no other entry can enter the top k. Otherwise s is raised
+to that k-th best score (a lower bound of the true one, so that with t < 0
+the test passes: Dinkelbach's parametric form of a ratio) and the candidates
+are doubled. The first s is the k-th best score over a fixed sample of 1,024
+entries, also a lower bound: trained embeddings lie in a narrow cone where
+every score is near 1, and s = 0 would rank them by Z, the weights. The
+distances are those of fusion.numpy_distances (float64, returned as
+float32), ties go to the earlier entry, and entries of the query's identity
+and camera are dropped when asked (evaluation.evaluate_rank's Market-1501
+protocol); a margin covers faiss's float32 inner products. With "concat"
+(all weights 1), Z = 3 for every pair and the index holds the plain unit
+rows.
 
 Backends (faiss, the `search` extra): "flat" (exact) under "auto" up to
 EXACT_THRESHOLD_FLOATS / D entries; beyond it "hnsw" (a graph: M 32,
 efSearch 256; faiss's HNSW cannot remove entries); "ivf" (IVF-Flat,
 spherical k-means of about sqrt(n) lists, nprobe 32, removal works) when
-asked. An approximate index ranks `candidates` x k entries by N (s = 0; a
-second pass at the k-th best score found with `passes` 2) and reranks them by
-the exact distance; in its rows the weight columns are scaled down
-(`weight_scale`, undone on the query side), so that its graph or lists are
-made by what the images show rather than by their weights. The float32
-embeddings are kept beside the index for the rerank. Recall and speed:
-scripts/benchmark_search.py, docs/performance.md.
+asked. An approximate index ranks `candidates` x k entries by N - s Z (s from
+the sample; a second pass at the k-th best score found with `passes` 2) and
+reranks them by the exact distance. In its rows the weight columns are
+scaled down (`weight_scale`, undone on the query side), and IVF chooses the
+lists to scan with s = 0, so that its graph or lists follow what the images
+show rather than their weights. The float32 embeddings are kept beside the
+index for the rerank. Recall and speed: scripts/benchmark_search.py,
+docs/performance.md.
 
 The saved directory (`save`, docs/search.md): manifest.json (format version,
 count, dimension, fusion, the run fingerprint, the backend and its
@@ -94,12 +96,13 @@ _NORM_TOLERANCE = 1e-3
 # float64 elements of one rerank block (chunk x candidates x D).
 _QUERY_CHUNK = 512
 _RERANK_ELEMENTS = 1 << 23
+# Gallery entries (evenly spaced) scored exactly for each query's first s.
+_SAMPLE = 1024
 _DEFAULT_PARAMS = {
     "flat": {},
-    "ivf": {"nlist": 0, "nprobe": 32, "candidates": 4, "passes": 1,
-            "weight_scale": 0.01, "spherical": True},
+    "ivf": {"nlist": 0, "nprobe": 32, "candidates": 4, "spherical": True},
     "hnsw": {"M": 32, "ef_construction": 64, "ef_search": 256,
-             "candidates": 4, "passes": 1, "weight_scale": 0.01},
+             "candidates": 4},
 }
 
 
@@ -220,8 +223,8 @@ class Gallery:
       fingerprint: the run's (`run_fingerprint`); None for arrays of no run.
       backend: one of BACKENDS.
       params: the backend's parameters over _DEFAULT_PARAMS (ivf: nlist (0:
-        about sqrt(n)), nprobe, candidates, passes; hnsw: M, ef_construction,
-        ef_search, candidates, passes).
+        about sqrt(n)), nprobe, candidates, spherical; hnsw: M,
+        ef_construction, ef_search, candidates).
       exact_threshold: "auto" is flat up to this many entries (default
         EXACT_THRESHOLD_FLOATS / dim).
     """
@@ -275,9 +278,15 @@ class Gallery:
     return self.size
 
   @property
+  def exact(self) -> bool:
+    """The index is the flat one, searched exactly."""
+    return self.backend == "flat"
+
+  @property
   def augmented(self) -> bool:
-    """The index rows carry the weights (any fusion but "concat")."""
-    return self.fusion != "concat"
+    """The index rows are [w_S * u_S, w_S]: the flat index of a fusion with
+    weights. (Approximate indexes hold the plain unit rows [u_S].)"""
+    return self.fusion != "concat" and self.exact
 
   @property
   def index_dim(self) -> int:
@@ -478,36 +487,36 @@ class Gallery:
 
   def _index_rows(self, embedding: np.ndarray,
                   weights: np.ndarray) -> np.ndarray:
-    """[w_S * u_S] (+ [w_S] when augmented): the rows the index holds."""
-    m = len(MODALITIES)
-    parts = embedding.reshape(len(embedding), m, -1) * (
-        np.float32(np.sqrt(m)) * weights[:, :, None])
-    rows = parts.reshape(len(embedding), -1)
-    if self.augmented:
-      rows = np.concatenate([rows, self._weight_scale * weights], axis=1)
-    return np.ascontiguousarray(rows, np.float32)
+    """The rows the index holds.
 
-  @property
-  def _weight_scale(self) -> float:
-    """The weight columns' scale in the index rows (1 / it on the queries).
-
-    1 for the flat index; small for a clustered one, so that its lists are
-    made (and entries assigned) by what the image shows, not by its weights.
+    Flat: [w_S * u_S], and [w_S] when augmented. Approximate: [u_S], so that
+    the graph or the lists follow what the images show; trained features lie
+    in a narrow cone, where weighted rows would be told apart by their
+    weights more than by their images.
     """
-    return 1.0 if self.backend == "flat" else float(
-        self.backend_params.get("weight_scale", 1.0))
+    m = len(MODALITIES)
+    scale = np.float32(np.sqrt(m)) * (weights[:, :, None] if self.exact else
+                                      np.ones_like(weights)[:, :, None])
+    rows = (embedding.reshape(len(embedding), m, -1) * scale).reshape(
+        len(embedding), -1)
+    if self.augmented:
+      rows = np.concatenate([rows, weights], axis=1)
+    return np.ascontiguousarray(rows, np.float32)
 
   def _query_rows(self, embedding: np.ndarray, weights: np.ndarray,
                   s: np.ndarray) -> np.ndarray:
-    """[w_S * u_S] (+ [-s w_S]): N - s Z as an inner product with _index_rows."""
+    """[w_S * u_S] (+ [-s w_S]): N - s Z as an inner product with _index_rows.
+
+    For an approximate index, sum_S w_S(q) u_qS . u_gS: the query's own
+    weights only (the candidates are reranked exactly).
+    """
     m = len(MODALITIES)
     parts = embedding.reshape(len(embedding), m, -1) * (
         np.float32(np.sqrt(m)) * weights[:, :, None])
     rows = parts.reshape(len(embedding), -1)
     if self.augmented:
       rows = np.concatenate(
-          [rows, -np.asarray(s / self._weight_scale, np.float32)[:, None] *
-           weights], axis=1)
+          [rows, -np.asarray(s, np.float32)[:, None] * weights], axis=1)
     return np.ascontiguousarray(rows, np.float32)
 
   def _build_index(self) -> None:
@@ -720,15 +729,44 @@ class Gallery:
     out_r[:, :top_r.shape[1]] = top_r
     return out_d, out_r
 
+  def _sample_bound(self, embedding: np.ndarray, weights: np.ndarray, k: int,
+                    excluded: Optional[tuple]) -> np.ndarray:
+    """(B,) the k-th best score N / Z over a fixed sample of the gallery.
+
+    A lower bound of the true k-th best score, and the first search's s: on
+    embeddings that all lie in a narrow cone (trained re-ID features: every
+    score near 1), s = 0 would rank by Z, i.e. by the weights, not by the
+    images. -1 (the least score) where the sample has fewer than k valid
+    entries.
+    """
+    n, m = self.size, len(MODALITIES)
+    rows = np.unique(np.linspace(0, n - 1, min(n, _SAMPLE)).astype(np.int64))
+    g = self._embedding[rows].astype(np.float64).reshape(len(rows), m, -1)
+    gw = self._weights[rows].astype(np.float64)
+    q = embedding.astype(np.float64).reshape(len(embedding), m, -1)
+    w = weights.astype(np.float64)
+    num = np.zeros((len(q), len(rows)))
+    for seg in range(m):
+      num += m * np.outer(w[:, seg], gw[:, seg]) * (q[:, seg] @ g[:, seg].T)
+    score = num / (w @ gw.T)
+    sample = np.broadcast_to(rows, score.shape)
+    score = np.where(self._valid(sample, excluded), score, -np.inf)
+    if score.shape[1] < k:
+      return np.full(len(q), -1.0)
+    kth = -np.partition(-score, k - 1, axis=1)[:, k - 1]
+    # Rounding of this product against the reference's: far below margins.
+    return np.maximum(kth - 1e-9, -1.0)
+
   def _search_exact(self, embedding, weights, k, excluded):
     """The flat index's provably exact top k (the module docstring's loop)."""
     num_q, n = len(embedding), self.size
     out_d = np.full((num_q, k), np.inf, np.float32)
     out_r = np.full((num_q, k), -1, np.int64)
     todo = np.arange(num_q)
-    # A lower bound of each query's k-th best score N / Z (-1 is the least).
-    bound = np.full(num_q, -1.0)
-    s_used = np.zeros(num_q)
+    # A lower bound of each query's k-th best score N / Z (-1 is the least),
+    # and the s of the first search.
+    bound = self._sample_bound(embedding, weights, k, excluded)
+    s_used = bound.copy()
     width = max(2 * k, k + 16)
     passes = 0
     # The range of each query's normaliser Z = sum_S w_S(q) w_S(g) over the
@@ -753,8 +791,8 @@ class Gallery:
       # value t, so its score N / Z is at most s + t / Z <= s + t / Z_lo
       # (t >= 0) or s + t / Z_hi (t < 0). Below the k-th best score found,
       # no such entry can be in the top k: the pass returned all of it.
-      # (With s at that score and t < 0 this is the Dinkelbach test above;
-      # with "concat", Z = 3 for every entry.)
+      # (With s at that score, any t < 0 passes: Dinkelbach's test. With
+      # "concat", Z = 3 for every entry.) The margin covers faiss's float32.
       last = scores[:, -1].astype(np.float64) + _IP_TOLERANCE
       z = np.where(last >= 0, z_lo[todo], z_hi[todo])
       proven = s_used[todo] + last / z < bound[todo]
@@ -775,20 +813,8 @@ class Gallery:
 
   def _search_approximate(self, embedding, weights, k, excluded):
     """candidates x k of the approximate index, reranked exactly."""
-    params = self.backend_params
-    width = max(int(params["candidates"]) * k, k)
-    s = np.zeros(len(embedding))
-    _, rows = self._faiss_search(embedding, weights, s, width)
-    if self.augmented and int(params["passes"]) > 1:
-      dist, squared = self.exact_distances(embedding, weights, rows)
-      valid = self._valid(rows, excluded)
-      score = np.where(valid, 1.0 - squared / 2.0, -np.inf)
-      kk = min(k, score.shape[1])
-      s = np.maximum(-np.partition(-score, kk - 1, axis=1)[:, kk - 1], -1.0)
-      _, more = self._faiss_search(embedding, weights, s, width)
-      rows = np.concatenate([rows, more], axis=1)
-      rows = np.sort(rows, axis=1)
-      rows[:, 1:][rows[:, 1:] == rows[:, :-1]] = -1
+    width = max(int(self.backend_params["candidates"]) * k, k)
+    _, rows = self._faiss_search(embedding, weights, None, width)
     dist, _ = self.exact_distances(embedding, weights, rows)
     return self._top(dist, rows, self._valid(rows, excluded), k)
 

@@ -23,8 +23,9 @@ With --real_workdir, a trained run's test split (its query and gallery
 embeddings, inference.Embedder) is measured too, at its own size.
 
 Columns: build (s) of the index (brute: none), memory per embedding (bytes:
-the index's resident growth while it is built, plus the gallery's float32
-copy used by the exact rerank, 4 D + 28 bytes with weights and labels),
+the process's resident growth while the gallery is built, so its float32
+copy for the exact rerank, weights and labels, 4 D + 28 bytes, and the faiss
+index; brute: the one float32 matrix it multiplies with),
 queries/s over the query set in batches of --batch, recall@10 against flat,
 and the speed-up over brute. Everything runs in one process on the CPU cores
 faiss finds (OMP_NUM_THREADS).
@@ -39,11 +40,14 @@ import os
 import sys
 import time
 
+# TensorFlow (the real run's split) without its C++ start-up lines.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The repository root, so that the packages import from a clone.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 
 from facenet_jax import gallery as gallery_lib  # noqa: E402
@@ -217,6 +221,7 @@ def real_embeddings(workdir: str) -> tuple:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
   import faiss  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(_SEED.value)
   print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; "

@@ -146,5 +146,34 @@ class BenchmarkTrainTest(absltest.TestCase):
     self.assertIsNone(hardware.device_peak("cpu"))
 
 
+@pytest.mark.extras
+class BenchmarkSearchTest(absltest.TestCase):
+
+  def test_table_rows_and_exact_recall(self):
+    if importlib.util.find_spec("faiss") is None:
+      self.skipTest('needs faiss: pip install -e ".[search]"')
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "benchmark_search.py"),
+         "--sizes=3000", "--dims=48", "--queries=40", "--batch=16"],
+        env=subprocess_env.script_env(), capture_output=True, text=True,
+        timeout=600, check=False)
+    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+    table = done.stdout.split("\n\n")[-1]
+    rows = {}
+    for line in table.splitlines():
+      cells = [c.strip() for c in line.strip("|").split("|")]
+      if len(cells) == 9 and cells[0] == "48":
+        rows[cells[3]] = cells
+    self.assertEqual(set(rows), {"brute", "flat", "ivf", "hnsw"}, table)
+    for method, cells in rows.items():
+      self.assertEqual(cells[1], "3,000")
+      self.assertGreater(float(cells[6].replace(",", "")), 0.0)
+      recall = float(cells[7])
+      # Brute force and the exact backend agree; the others come close.
+      self.assertGreaterEqual(recall, 0.999 if method in ("brute", "flat")
+                              else 0.8, method)
+    self.assertEqual(rows["flat"][7], "1.000")
+
+
 if __name__ == "__main__":
   absltest.main()

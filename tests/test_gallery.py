@@ -163,6 +163,29 @@ class ExactSearchTest(parameterized.TestCase):
     self.assertTrue(np.all(np.isinf(found.distances[:, len(g):])))
     self.assertTrue(np.all(found.ids[:, 0] < found.ids[:, 1]))
 
+  @parameterized.parameters("flat", "ivf", "hnsw")
+  def test_embeddings_in_a_narrow_cone(self, backend):
+    # Trained features: every score near 1, the weights' spread larger than
+    # the scores'. Ranking by N alone would rank by the weights.
+    rng = np.random.default_rng(7)
+    axis = rng.normal(size=(1, 3, DIM // 3))
+    centres = axis + 0.08 * rng.normal(size=(300, 3, DIM // 3))
+    g = fused(rng, 4000, centres=centres, noise=0.02)
+    gw = segment_weights(rng, 4000, "saturation")
+    q = fused(rng, 30, centres=centres, noise=0.02)
+    qw = segment_weights(rng, 30, "saturation")
+    gal = gallery.Gallery(DIM, "saturation", backend=backend)
+    gal.add(g, gw)
+    found = gal.search(q, qw, k=10)
+    want, want_d = brute_force(q, qw, g, gw, 10)
+    self.assertLess(float(want_d.max()), 0.3)
+    if backend == "flat":
+      np.testing.assert_array_equal(found.ids, want)
+    else:
+      recall = np.mean([len(set(a) & set(b)) / 10
+                        for a, b in zip(found.ids, want)])
+      self.assertGreater(recall, 0.9)
+
   def test_search_pages_through_many_near_candidates(self):
     # One tight cluster: hundreds of entries near the query, so the exact
     # search must widen its candidates several times.
