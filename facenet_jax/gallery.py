@@ -43,14 +43,13 @@ Backends (faiss, the `search` extra): "flat" (exact) under "auto" up to
 EXACT_THRESHOLD_FLOATS / D entries; beyond it "hnsw" (a graph: M 32,
 efSearch 256; faiss's HNSW cannot remove entries); "ivf" (IVF-Flat,
 spherical k-means of about sqrt(n) lists, nprobe 32, removal works) when
-asked. An approximate index ranks `candidates` x k entries by N - s Z (s from
-the sample; a second pass at the k-th best score found with `passes` 2) and
-reranks them by the exact distance. In its rows the weight columns are
-scaled down (`weight_scale`, undone on the query side), and IVF chooses the
-lists to scan with s = 0, so that its graph or lists follow what the images
-show rather than their weights. The float32 embeddings are kept beside the
-index for the rerank. Recall and speed: scripts/benchmark_search.py,
-docs/performance.md.
+asked. An approximate index holds the plain unit rows [u_S] (its graph or
+lists then follow what the images show: in a narrow cone, weighted rows are
+told apart by their weights more than by their images), is searched with the
+query's own weights, sum_S w_S(q) u_qS . u_gS, and its `candidates` x k
+entries are reranked by the exact distance. The float32 embeddings are kept
+beside the index for the rerank. Recall and speed:
+scripts/benchmark_search.py, docs/performance.md.
 
 The saved directory (`save`, docs/search.md): manifest.json (format version,
 count, dimension, fusion, the run fingerprint, the backend and its

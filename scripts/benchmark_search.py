@@ -23,9 +23,9 @@ With --real_workdir, a trained run's test split (its query and gallery
 embeddings, inference.Embedder) is measured too, at its own size.
 
 Columns: build (s) of the index (brute: none), memory per embedding (bytes:
-the process's resident growth while the gallery is built, so its float32
-copy for the exact rerank, weights and labels, 4 D + 28 bytes, and the faiss
-index; brute: the one float32 matrix it multiplies with),
+the faiss index, serialised, plus the gallery's float32 copy for the exact
+rerank with its weights and labels, 4 D + 28; brute: that copy alone, the
+matrix it multiplies with),
 queries/s over the query set in batches of --batch, recall@10 against flat,
 and the speed-up over brute. Everything runs in one process on the CPU cores
 faiss finds (OMP_NUM_THREADS).
@@ -75,12 +75,14 @@ _REAL = flags.DEFINE_string(
     "real_workdir", "", "A trained run whose test split is measured too.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 
-# Noise per coordinate of a unit segment: of an identity around its vehicle
-# type (--per_type identities share one), and of a capture around its
-# identity (cosine about 0.8 at weight 1; a flared segment, weight 0.5, gets
-# twice the noise).
+# Noise per coordinate of a unit segment of 128 (scaled by sqrt(128 / the
+# segment's size), so that the similarities do not depend on the dimension):
+# of an identity around its vehicle type (--per_type identities share one),
+# and of a capture around its identity (cosine about 0.8 at weight 1; a
+# flared segment, weight 0.5, gets twice the noise).
 _TYPE_NOISE = 0.08
 _NOISE = 0.06
+_NOISE_SEGMENT = 128
 
 
 def synthetic(rng: np.random.Generator, num: int, dim: int, centres,
@@ -97,7 +99,8 @@ def synthetic(rng: np.random.Generator, num: int, dim: int, centres,
     stop = min(start + 65536, num)
     x = rng.standard_normal((stop - start, m, seg), dtype=np.float32)
     if kind == "clustered":
-      noise = _NOISE * (1.0 + 2.0 * (1.0 - weights[start:stop]))[..., None]
+      noise = _NOISE * np.sqrt(_NOISE_SEGMENT / seg) * (
+          1.0 + 2.0 * (1.0 - weights[start:stop]))[..., None]
       x = centres[pids[start:stop]] + noise * x
     x /= np.linalg.norm(x, axis=-1, keepdims=True) * np.float32(np.sqrt(m))
     out[start:stop] = x.reshape(stop - start, dim)
@@ -110,14 +113,17 @@ def identity_centres(rng: np.random.Generator, num_ids: int,
   num_types = max(num_ids // _PER_TYPE.value, 1)
   types = rng.standard_normal((num_types, 3, dim // 3), dtype=np.float32)
   types /= np.linalg.norm(types, axis=-1, keepdims=True)
-  c = types[rng.integers(0, num_types, num_ids)] + _TYPE_NOISE * (
+  spread = _TYPE_NOISE * np.sqrt(_NOISE_SEGMENT / (dim // 3))
+  c = types[rng.integers(0, num_types, num_ids)] + spread * (
       rng.standard_normal((num_ids, 3, dim // 3), dtype=np.float32))
   return c / np.linalg.norm(c, axis=-1, keepdims=True)
 
 
-def rss_bytes() -> int:
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def index_size(gal: gallery_lib.Gallery) -> int:
+  """Bytes of the gallery's faiss index (its serialised form: the vectors,
+  lists or graph links it holds)."""
+  faiss = gallery_lib.import_faiss()
+  return faiss.serialize_index(gal._index).size  # pylint: disable=protected-access
 
 
 def brute_force(gal: gallery_lib.Gallery, queries: np.ndarray,
@@ -169,14 +175,13 @@ def measure(name: str, dim: int, embedding, weights, queries, q_weights,
   results = {}
   for backend in backends:
     params = {"nprobe": _NPROBE.value} if backend == "ivf" else {}
-    before = rss_bytes()
     start = time.perf_counter()
     gal = gallery_lib.Gallery(dim, "saturation", backend=backend,
                               params=params)
     gal.add(embedding, weights)
     gal._ensure_index()  # pylint: disable=protected-access
     build = time.perf_counter() - start
-    index_bytes = max(rss_bytes() - before, 0) / n
+    index_bytes = (index_size(gal) / n) + per_copy
     ids, qps = timed_search(gal, queries, q_weights, k, batch)
     results[backend] = ids
     if backend == "flat":
