@@ -77,8 +77,8 @@ MANIFEST_FILE = "manifest.json"
 BACKENDS = ("auto", "flat", "ivf", "hnsw")
 # "auto": exact up to this many floats in the index (entries x dimension:
 # 208,000 demo embeddings of 384, 13,000 of the paper's 6,144), HNSW beyond.
-# A flat search scans them all for every query, twice: about 10 ms a query
-# at the threshold on two cores, 25 ms at 10^6 x 384 (docs/performance.md).
+# A flat search scans them all once or a few times per query: 9 ms a query
+# at 10^5 x 384 on two cores, 45 ms at 10^6 (docs/performance.md).
 EXACT_THRESHOLD_FLOATS = 80_000_000
 SEARCH_HINT = ('the gallery search needs faiss, which is not installed: '
                'pip install -e ".[search]"')
