@@ -24,6 +24,7 @@ start by facenet_jax/warm_start.py.
 """
 
 import dataclasses
+import errno
 import importlib.metadata
 import json
 import os
@@ -501,16 +502,40 @@ class CheckpointWriteError(PermissionError):
   """
 
   def __init__(self, directory: str, step: Optional[int], kept: Sequence[int],
-               cause: OSError):
+               code: int):
     super().__init__(
-        cause.errno,
+        code,
         f"Could not write the checkpoint of step {step} to {directory} "
-        f"({cause.strerror or cause}); the checkpoints already there "
+        f"({os.strerror(code)}); the checkpoints already there "
         f"{kept or '(none)'} are intact. Free space or fix the permissions, "
         "then run the same command again to continue from the last one.")
 
   def __str__(self) -> str:
     return self.args[1]
+
+
+# TensorStore reports a failed write as a ValueError carrying the OS error's
+# text or an absl status code; these are the disk's faults, by errno.
+_WRITE_FAILURES = (
+    ("No space left on device", errno.ENOSPC),
+    ("RESOURCE_EXHAUSTED", errno.ENOSPC),
+    ("Disk quota exceeded", errno.EDQUOT),
+    ("Read-only file system", errno.EROFS),
+    ("Permission denied", errno.EACCES),
+    ("PERMISSION_DENIED", errno.EACCES),
+)
+
+
+def _write_failure(error: BaseException) -> Optional[int]:
+  """The errno of a disk that refused a checkpoint write, else None."""
+  if isinstance(error, OSError) and error.errno:
+    return error.errno
+  if isinstance(error, (OSError, ValueError)):
+    text = str(error)
+    for marker, code in _WRITE_FAILURES:
+      if marker in text:
+        return code
+  return None
 
 
 class Checkpointer:
@@ -539,20 +564,30 @@ class Checkpointer:
         (Orbax writes a step into a temporary directory and renames it only
         once it is complete).
     """
+    # The previous save's own failure is reported under its own step (Orbax
+    # would raise it from this save, which waits for it anyway).
+    self.wait()
     self._last_saved = step
     try:
       self._manager.save(step, args=ocp.args.StandardSave(state))
-    except OSError as e:
-      raise CheckpointWriteError(self.directory, step, self.all_steps(),
-                                 e) from e
+    except (OSError, ValueError) as e:
+      self._raise_write_error(e)
+      raise
 
   def wait(self) -> None:
     """Blocks until the last save is on disk (CheckpointWriteError if not)."""
     try:
       self._manager.wait_until_finished()
-    except OSError as e:
+    except (OSError, ValueError) as e:
+      self._raise_write_error(e)
+      raise
+
+  def _raise_write_error(self, error: Exception) -> None:
+    """CheckpointWriteError from `error` if the disk refused the write."""
+    code = _write_failure(error)
+    if code is not None:
       raise CheckpointWriteError(self.directory, self._last_saved,
-                                 self.all_steps(), e) from e
+                                 self.all_steps(), code) from error
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> Any:
     """Restores `step` (default latest) into the shapes/shardings given.

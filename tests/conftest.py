@@ -61,7 +61,8 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # The slowest test files (about 1.5 to 3 minutes each here), started first:
 # pytest-xdist hands each worker whole files in collection order, so a slow
 # file collected last would leave one worker running alone at the end.
-_SLOW_FIRST = ("test_experiments.py", "test_interrupt.py", "test_model.py",
+_SLOW_FIRST = ("test_peers.py", "test_experiments.py", "test_interrupt.py",
+               "test_model.py", "test_disk_full.py",
                "test_end_to_end.py",
                "test_warm_start.py", "test_missing_modality.py",
                "test_vit.py", "test_export.py", "test_train.py",

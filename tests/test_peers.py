@@ -31,7 +31,7 @@ import subprocess_env
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEER_TIMEOUT = 10
+PEER_TIMEOUT = 20
 # Startup (imports, compile) on a loaded 2-core machine, before a step logs.
 START_TIMEOUT = 600
 
