@@ -16,11 +16,15 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import numpy as np
+import pytest
 
 from configs import tiny
 from facenet_jax import checkpointing
 from facenet_jax.train import train_state
 import run_fixtures
+
+# Restores the tiny model's state several times: left out of the quick loop.
+pytestmark = pytest.mark.slow
 
 
 def _largest_file(directory: str) -> str:
