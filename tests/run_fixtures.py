@@ -6,6 +6,8 @@ saved through the Checkpointer with its config.json and run_info.json: what a
 trained workdir holds, for tests of what reads one (export, pictures).
 """
 
+import os
+
 import jax
 import numpy as np
 
@@ -57,3 +59,17 @@ def make_run(workdir: str, config, step: int = 2,
   ckpt = checkpointing.Checkpointer(workdir)
   ckpt.save(step, random_state(config, seed=step, num_classes=num_classes))
   ckpt.close()
+
+
+def largest_file(directory: str) -> str:
+  """The largest file below `directory` (a checkpoint's array data)."""
+  files = [os.path.join(root, name)
+           for root, _, names in os.walk(directory) for name in names]
+  return max(files, key=os.path.getsize)
+
+
+def truncate_largest_file(directory: str) -> None:
+  """Cuts the largest file below `directory` to half: a copy cut short."""
+  path = largest_file(directory)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)

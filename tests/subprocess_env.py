@@ -8,6 +8,7 @@ the tests use it; scripts and benchmarks run at XLA's default.
 """
 
 import os
+import socket
 
 COMPILE_FLAGS = "--xla_backend_optimization_level=1"
 
@@ -17,3 +18,10 @@ def script_env() -> dict:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["XLA_FLAGS"] = COMPILE_FLAGS
   return env
+
+
+def free_port() -> int:
+  """A TCP port free on localhost now, for a coordinator of test processes."""
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]

@@ -27,26 +27,14 @@ import run_fixtures
 pytestmark = pytest.mark.slow
 
 
-def _largest_file(directory: str) -> str:
-  files = [os.path.join(root, name)
-           for root, _, names in os.walk(directory) for name in names]
-  return max(files, key=os.path.getsize)
-
-
 def _listing(directory: str) -> dict:
   return {os.path.relpath(os.path.join(root, name), directory):
           os.path.getsize(os.path.join(root, name))
           for root, _, names in os.walk(directory) for name in names}
 
 
-def _truncate(step_dir: str) -> None:
-  path = _largest_file(step_dir)
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) // 2)
-
-
 def _delete_file(step_dir: str) -> None:
-  os.remove(_largest_file(step_dir))
+  os.remove(run_fixtures.largest_file(step_dir))
 
 
 def _empty(step_dir: str) -> None:
@@ -79,7 +67,8 @@ class DamagedCheckpointTest(parameterized.TestCase):
     return workdir
 
   @parameterized.named_parameters(
-      ("truncated_file", _truncate), ("lost_file", _delete_file),
+      ("truncated_file", run_fixtures.truncate_largest_file),
+      ("lost_file", _delete_file),
       ("empty_directory", _empty))
   def test_resume_skips_it_and_evaluation_names_it(self, damage):
     workdir = self._workdir()
@@ -114,7 +103,8 @@ class DamagedCheckpointTest(parameterized.TestCase):
   def test_every_checkpoint_damaged_is_an_error_and_moves_nothing(self):
     workdir = self._workdir()
     for step in (2, 4):
-      _truncate(os.path.join(workdir, "checkpoints", str(step)))
+      run_fixtures.truncate_largest_file(
+          os.path.join(workdir, "checkpoints", str(step)))
     ckpt = checkpointing.Checkpointer(workdir)
     with self.assertRaisesRegex(checkpointing.CheckpointDamagedError,
                                 r"checkpoints/4 is damaged"):

@@ -27,6 +27,7 @@ import pytest
 from facenet_jax import checkpointing
 from facenet_jax import warm_start
 from facenet_jax.train import loop
+import run_fixtures
 import subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -105,7 +106,7 @@ class InterruptTest(absltest.TestCase):
 
     # The last checkpoint cut short: evaluation names it ...
     last = os.path.join(interrupted, "checkpoints", str(STEPS))
-    _truncate_largest_file(last)
+    run_fixtures.truncate_largest_file(last)
     evaluated = subprocess.run(
         _command(interrupted, data_dir) + ["--mode", "eval"], env=env,
         capture_output=True, text=True, timeout=600, check=False)
@@ -124,14 +125,6 @@ class InterruptTest(absltest.TestCase):
         interrupted, checkpointing.DAMAGED_DIRECTORY, str(STEPS))))
     _, again = warm_start.read_variables(interrupted)
     jax.tree.map(np.testing.assert_array_equal, again, straight)
-
-
-def _truncate_largest_file(directory: str) -> None:
-  files = [os.path.join(root, name)
-           for root, _, names in os.walk(directory) for name in names]
-  path = max(files, key=os.path.getsize)
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) // 2)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ replicated metrics on every host.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,11 +30,6 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
 
 class MultiProcessTest(absltest.TestCase):
 
@@ -46,7 +40,7 @@ class MultiProcessTest(absltest.TestCase):
         multiprocess_worker.make_batches(config))
 
     output = os.path.join(tempfile.mkdtemp(), "result.json")
-    port = _free_port()
+    port = subprocess_env.free_port()
     env = subprocess_env.script_env()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     workers = [subprocess.Popen(

@@ -14,7 +14,6 @@ three times on one workdir:
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,11 +34,6 @@ PEER_TIMEOUT = 20
 # Startup (imports, compile) on a loaded 2-core machine, before a step logs.
 START_TIMEOUT = 600
 
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def _logged_steps(workdir: str, since: int) -> int:
@@ -62,7 +56,7 @@ class _Pair:
       self.log_start = os.path.getsize(os.path.join(workdir, "log.txt"))
     except FileNotFoundError:
       self.log_start = 0
-    port = _free_port()
+    port = subprocess_env.free_port()
     env = subprocess_env.script_env()
     self.processes = [subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "scripts", "main.py"),
