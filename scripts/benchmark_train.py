@@ -1,8 +1,6 @@
 r"""Times training: the pure jitted step, the full loop, and PyTorch eager.
 
-For a config (default: the demo config, configs/synthetic.py) it measures in
-one process, round by round interleaved so that the machine's load falls on
-every row alike:
+For a config (default: the demo config, configs/synthetic.py) it measures:
 
   jax step   the jitted train step alone, on one fixed batch already on the
              device: what XLA and the hardware give.
@@ -10,18 +8,28 @@ every row alike:
              split, cached in memory or streamed as config.input says, put on
              the device ahead of the step) with the training loop's metric
              fetches: what scripts/main.py gets per step.
-  torch      (--torch) the same baseline network in PyTorch eager mode: three
-             ResNet streams (same depth, width and last stride), GAP, BN neck,
-             bias-free classifier; CE + batch-hard triplet per stream; Adam
-             with L2 weight decay on kernels; the same batch size and input.
+  torch      (--torch) the same baseline network in plain PyTorch eager mode
+             (scripts/benchmark_torch.py), in NCHW and in channels-last
+             memory format: three ResNet streams (same depth, width and last
+             stride), GAP, BN neck, bias-free classifier; CE + batch-hard
+             triplet per stream; Adam with L2 weight decay on kernels; the
+             same batch, starting from the JAX model's initial parameters.
 
-FACENet's modules have no PyTorch twin here, so with --torch a config that
-uses them is also measured as its baseline (use_mfmp, use_fce off, no
-modality loss), and the JAX/PyTorch ratio compares
-the baseline rows. TFLOP/s divide XLA's FLOP count of the compiled step (a
-multiply-add is 2 FLOPs) by its time; "% peak" compares them with the dense
-bf16 peak of the device kind where the table below knows it (accelerators;
-run with --config.model.dtype=bfloat16 there).
+Each framework runs in a process of its own (this script started again with
+--serve, and scripts/benchmark_torch.py --serve), both pinned to the same
+--threads CPUs with as many threads; the processes take turns, one row at a
+time, round by round, with a pause between them so that one's spinning
+threads do not slow the other, and the median of the rounds is reported.
+The PyTorch network is checked against the JAX one before any timing: the
+same parameter count, and the same loss at initialisation on the same batch.
+
+FACENet's modules have no PyTorch twin, so with --torch a config that uses
+them is also measured as its baseline (use_mfmp, use_fce off, no modality
+loss), and the JAX/PyTorch ratio compares the baseline rows. TFLOP/s divide
+XLA's FLOP count of the compiled step (a multiply-add is 2 FLOPs) by its
+time; "% peak" compares them with the dense bf16 peak of the device kind
+where the table below knows it (accelerators; run with
+--config.model.dtype=bfloat16 there).
 
   python scripts/benchmark_train.py --torch
   python scripts/benchmark_train.py --config configs/experiments.py
@@ -30,11 +38,15 @@ run with --config.model.dtype=bfloat16 there).
       --data=generated --steps=10            # ResNet50, 256x128, no dataset
 """
 
+import json
 import os
+import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 from absl import app
 from absl import flags
@@ -55,6 +67,7 @@ from facenet_jax.train import feed  # noqa: E402
 from facenet_jax.train import mesh  # noqa: E402
 from facenet_jax.train import steps  # noqa: E402
 from facenet_jax.train import train_state  # noqa: E402
+from flax import traverse_util  # noqa: E402
 from facenet_jax.constants import MODALITIES  # noqa: E402
 from input_pipeline import generated  # noqa: E402
 from input_pipeline import pipeline  # noqa: E402
@@ -79,8 +92,17 @@ _TRACE_DIR = flags.DEFINE_string(
     "After the timing, trace --steps pure steps of the config with "
     "jax.profiler into this directory and print where their time goes, by "
     "XLA op kind (the TensorBoard profile is written there too).")
-_TORCH_THREADS = flags.DEFINE_integer(
-    "torch_threads", 0, "torch.set_num_threads; 0 = os.cpu_count().")
+_THREADS = flags.DEFINE_integer(
+    "threads", 0, "CPUs (and threads) of each framework's process: both are "
+    "pinned to the first N CPUs; 0 = all of this process's CPUs.")
+_FORMATS = flags.DEFINE_list(
+    "torch_formats", ["nchw", "channels_last"],
+    "PyTorch memory formats to time (--torch), each in its own process.")
+_SERVE = flags.DEFINE_string(
+    "serve", None, "Internal: be the JAX process; write the batch and the "
+    "baseline's initial parameters to this .npz, print one JSON line, then "
+    "answer requests read on stdin.")
+_PAUSE_SECONDS = 0.5  # Between two processes' turns: spinning threads sleep.
 
 def baseline_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config's network without FACENet's modules and relation loss."""
@@ -172,143 +194,6 @@ class JaxRows:
     self.batches.close()
 
 
-class TorchRow:
-  """The baseline network and its training step in PyTorch eager mode."""
-
-  def __init__(self, config: ml_collections.ConfigDict, num_classes: int,
-               batch: dict, threads: int):
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise app.UsageError(
-          "--torch needs PyTorch: pip install -e \".[torch]\"") from e
-    self.torch = torch
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    torch.manual_seed(config.seed)
-    depth = build.parse_depth(config.model.backbone)
-    self.model = _torch_baseline(torch, depth, config.model.width_multiplier,
-                                 config.model.last_stride, num_classes)
-    decay = [p for p in self.model.parameters() if p.ndim > 1]
-    other = [p for p in self.model.parameters() if p.ndim <= 1]
-    self.optimizer = torch.optim.Adam(
-        [{"params": decay, "weight_decay": config.optimizer.weight_decay},
-         {"params": other, "weight_decay": 0.0}],
-        lr=config.optimizer.learning_rate)
-    # NHWC -> NCHW once: the input of every timed step.
-    self.images = [torch.from_numpy(np.ascontiguousarray(
-        np.asarray(batch[m]).transpose(0, 3, 1, 2))) for m in MODALITIES]
-    self.labels = torch.from_numpy(np.asarray(batch["label"]).astype(np.int64))
-    self.margin = config.loss.triplet_margin
-    self.soft = config.loss.triplet_soft_margin
-    self.smoothing = config.loss.label_smoothing
-    self.weights = (config.loss.ce_weight, config.loss.triplet_weight)
-    self.model.train()
-
-  def _loss(self):
-    torch = self.torch
-    total = 0.0
-    for features, logits in self.model(self.images):
-      ce = torch.nn.functional.cross_entropy(logits, self.labels,
-                                             label_smoothing=self.smoothing)
-      total = total + self.weights[0] * ce + self.weights[1] * _torch_triplet(
-          torch, features, self.labels, self.margin, self.soft)
-    return total
-
-  def time_step(self, num_steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(num_steps):
-      self.optimizer.zero_grad(set_to_none=True)
-      loss = self._loss()
-      loss.backward()
-      self.optimizer.step()
-    float(loss.detach())
-    return (time.perf_counter() - start) / num_steps
-
-
-def _torch_triplet(torch, features, labels, margin: float, soft: bool):
-  """Batch-hard triplet loss, as facenet_jax.losses.batch_hard_triplet."""
-  sq = (features * features).sum(1)
-  distances = (sq[:, None] + sq[None, :] - 2.0 * features @ features.T).clamp(
-      min=1e-12).sqrt()
-  same = labels[:, None] == labels[None, :]
-  eye = torch.eye(len(labels), dtype=torch.bool)
-  positive, negative = same & ~eye, ~same
-  hardest_pos = torch.where(positive, distances, 0.0).max(1).values
-  hardest_neg = torch.where(negative, distances, float("inf")).min(1).values
-  valid = positive.any(1) & negative.any(1)
-  gap = hardest_pos - torch.where(valid, hardest_neg, 0.0)
-  per_anchor = (torch.nn.functional.softplus(gap) if soft
-                else torch.relu(margin + gap))
-  return (per_anchor * valid).sum() / valid.sum().clamp(min=1)
-
-
-def _torch_baseline(torch, depth: int, width_multiplier: float,
-                    last_stride: int, num_classes: int):
-  """Three torchvision-layout ResNet streams with GAP, BN neck, classifier."""
-  nn = torch.nn
-  kind, blocks = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
-                  50: ("bottleneck", (3, 4, 6, 3)),
-                  101: ("bottleneck", (3, 4, 23, 3))}[depth]
-  widths = [max(1, int(round(w * width_multiplier)))
-            for w in (64, 128, 256, 512)]
-  expansion = 1 if kind == "basic" else 4
-
-  def conv_bn(cin, cout, k, stride):
-    return [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, bias=False),
-            nn.BatchNorm2d(cout)]
-
-  class Block(nn.Module):
-
-    def __init__(self, cin, width, stride):
-      super().__init__()
-      cout = width * expansion
-      if kind == "basic":
-        layers = (conv_bn(cin, width, 3, stride) + [nn.ReLU()] +
-                  conv_bn(width, cout, 3, 1))
-      else:
-        layers = (conv_bn(cin, width, 1, 1) + [nn.ReLU()] +
-                  conv_bn(width, width, 3, stride) + [nn.ReLU()] +
-                  conv_bn(width, cout, 1, 1))
-      self.body = nn.Sequential(*layers)
-      self.down = (nn.Sequential(*conv_bn(cin, cout, 1, stride))
-                   if stride != 1 or cin != cout else nn.Identity())
-
-    def forward(self, x):
-      return torch.relu(self.body(x) + self.down(x))
-
-  class Stream(nn.Module):
-
-    def __init__(self):
-      super().__init__()
-      layers = conv_bn(3, widths[0], 7, 2) + [nn.ReLU(),
-                                               nn.MaxPool2d(3, 2, 1)]
-      cin = widths[0]
-      for stage, (width, count) in enumerate(zip(widths, blocks)):
-        stride = (1, 2, 2, last_stride)[stage]
-        for b in range(count):
-          layers.append(Block(cin, width, stride if b == 0 else 1))
-          cin = width * expansion
-      self.body = nn.Sequential(*layers)
-      self.neck = nn.BatchNorm1d(cin)
-      self.neck.bias.requires_grad_(False)
-      self.classifier = nn.Linear(cin, num_classes, bias=False)
-
-    def forward(self, x):
-      features = self.body(x).mean((2, 3))
-      return features, self.classifier(self.neck(features))
-
-  class Baseline(nn.Module):
-
-    def __init__(self):
-      super().__init__()
-      self.streams = nn.ModuleList([Stream() for _ in MODALITIES])
-
-    def forward(self, images):
-      return [s(x) for s, x in zip(self.streams, images)]
-
-  return Baseline()
-
-
 def _describe(config: ml_collections.ConfigDict) -> str:
   m = config.model
   h, w = config.input_size
@@ -332,91 +217,247 @@ def _load_data(config: ml_collections.ConfigDict) -> tuple[pipeline.SplitData,
           f"{config.dataset}/{config.dataset_config}[train]")
 
 
+def _busy(timer, num_steps: int) -> tuple[float, float]:
+  """(seconds per step, CPU seconds of this process per wall second)."""
+  cpu = time.process_time()
+  start = time.perf_counter()
+  seconds = timer(num_steps)
+  return seconds, (time.process_time() - cpu) / (time.perf_counter() - start)
+
+
+def serve(path: str) -> None:
+  """The JAX process: builds the rows, then times them on request.
+
+  Writes the fixed batch and the baseline's initial parameters to `path`
+  (for the PyTorch process), prints one JSON line of facts, then answers one
+  JSON line per request line {"row": i, "what": "step" | "loop" | "trace"}.
+  """
+  config = _CONFIG.value
+  data, source = _load_data(config)
+  configs = [config]
+  if _TORCH.value and not is_baseline(config):
+    configs.append(baseline_of(config))
+  rows = [JaxRows(c, data) for c in configs]
+  base = rows[-1]
+  batch = mesh.to_host(base.fixed)
+  arrays = {m: np.asarray(batch[m], np.float32) for m in MODALITIES}
+  arrays["label"] = np.asarray(batch["label"])
+  params = traverse_util.flatten_dict(mesh.to_host(base.state.params),
+                                      sep="/")
+  arrays.update({f"params/{k}": np.asarray(v) for k, v in params.items()})
+  np.savez(path, **arrays)
+  # The loss of the first step is the initial parameters' loss.
+  base.state, metrics = base.step_fn(base.state, base.fixed)
+  init_loss = float(mesh.to_host(metrics)["train/loss"])
+  for r in rows:
+    r.warm_up(_WARMUP.value)
+    logging.info("%s: compiled; input ready in %.1f s", _network(r.config),
+                 r.input_seconds)
+  devices = jax.devices()
+  print(json.dumps({
+      "source": source, "examples": int(data.num_examples),
+      "devices": f"{len(devices)} x {devices[0].device_kind} "
+                 f"({jax.default_backend()})",
+      "device_kind": devices[0].device_kind,
+      "rows": [_network(r.config) for r in rows],
+      "flops": [r.flops for r in rows],
+      "num_classes": len(pipeline.train_label_map(data)),
+      "params": sum(int(np.size(v)) for v in params.values()),
+      "init_loss": init_loss, "jax": jax.__version__,
+      "jaxlib": jax.lib.__version__, "cpus": len(os.sched_getaffinity(0)),
+      "xla_flags": os.environ.get("XLA_FLAGS", "")}), flush=True)
+  for line in sys.stdin:
+    request = json.loads(line)
+    r = rows[request["row"]]
+    if request["what"] == "trace":
+      trace_path, kinds, wall = r.trace(request["steps"], request["dir"])
+      reply = {"text": f"\nWhere the step's time goes ({_network(r.config)}, "
+                       f"{request['steps']} pure steps traced; {trace_path}):"
+                       f"\n{profiling.table(kinds, request['steps'], wall)}"}
+    else:
+      timer = r.time_step if request["what"] == "step" else r.time_loop
+      seconds, busy = _busy(timer, request["steps"])
+      reply = {"seconds": seconds, "busy": busy}
+    print(json.dumps(reply), flush=True)
+  for r in rows:
+    r.close()
+
+
+class Worker:
+  """A framework's process: one JSON line of facts, then request -> reply."""
+
+  def __init__(self, argv: list[str], cpus: list[int]):
+    self.process = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    self.facts = self._reply()
+
+  def _reply(self) -> dict[str, Any]:
+    for line in self.process.stdout:
+      if line.startswith("{"):
+        return json.loads(line)
+    raise SystemExit(f"error: {os.path.basename(self.process.args[1])} "
+                     f"ended with status {self.process.wait()} (its errors "
+                     "are above)")
+
+  def ask(self, request: str) -> dict[str, Any]:
+    self.process.stdin.write(request + "\n")
+    self.process.stdin.flush()
+    return self._reply()
+
+  def close(self) -> None:
+    self.process.stdin.close()
+    self.process.wait()
+
+
+def _child_args(args: Sequence[str]) -> list[str]:
+  """This command line without the flags the coordinator sets itself."""
+  own = ("--serve", "--noserve", "--trace_dir", "--rounds")
+  return [a for a in args if not a.startswith(own)]
+
+
+def _torch_args(config: ml_collections.ConfigDict, facts: dict, path: str,
+                memory_format: str, threads: int) -> list[str]:
+  """scripts/benchmark_torch.py's command line for the config's baseline."""
+  loss, opt = config.loss, config.optimizer
+  if opt.name != "adam" or not config.model.backbone.startswith("resnet"):
+    raise app.UsageError("--torch: the PyTorch twin is a ResNet with Adam; "
+                         f"got {config.model.backbone} with {opt.name}")
+  h, w = config.input_size
+  return [
+      sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                   "benchmark_torch.py"),
+      "--serve", f"--formats={memory_format}", f"--threads={threads}",
+      f"--depth={build.parse_depth(config.model.backbone)}",
+      f"--width_multiplier={config.model.width_multiplier}",
+      f"--last_stride={config.model.last_stride}", f"--input_size={h},{w}",
+      f"--batch={config.ids_per_batch},{config.instances_per_id}",
+      f"--num_classes={facts['num_classes']}",
+      f"--learning_rate={opt.learning_rate}",
+      f"--weight_decay={opt.weight_decay}",
+      f"--triplet_margin={loss.triplet_margin}",
+      f"--triplet_soft_margin={loss.triplet_soft_margin}",
+      f"--label_smoothing={loss.label_smoothing}",
+      f"--ce_weight={loss.ce_weight}",
+      f"--triplet_weight={loss.triplet_weight}",
+      f"--warmup={max(1, _WARMUP.value)}", f"--init_file={path}"]
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   for flag in (_STEPS, _ROUNDS):
     if flag.value < 1:
       raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}")
-  if _WARMUP.value < 0:
-    raise app.UsageError(f"--warmup must be >= 0, got {_WARMUP.value}")
+  if _WARMUP.value < 0 or _THREADS.value < 0:
+    raise app.UsageError("--warmup and --threads must be >= 0")
+  if _SERVE.value:
+    serve(_SERVE.value)
+    return
   config = _CONFIG.value
-  data, source = _load_data(config)
-  configs = [config]
-  if _TORCH.value and not is_baseline(config):
-    configs.append(baseline_of(config))
-  devices = jax.devices()
-  print(f"{_describe(config)}; input {source}, {data.num_examples} triplets; "
-        f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})",
-        flush=True)
+  cpus = sorted(os.sched_getaffinity(0))
+  threads = min(_THREADS.value or len(cpus), len(cpus))
+  cpus = cpus[:threads]
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "init.npz")
+    jax_worker = Worker([sys.executable, os.path.abspath(__file__),
+                         f"--serve={path}", *_child_args(sys.argv[1:])], cpus)
+    facts = jax_worker.facts
+    workers = [jax_worker]
+    for memory_format in (_FORMATS.value if _TORCH.value else []):
+      workers.append(Worker(_torch_args(baseline_of(config), facts, path,
+                                        memory_format, threads), cpus))
+    # (worker, request, row name, network) in the order of a round.
+    rows = []
+    for i, network in enumerate(facts["rows"]):
+      for what in ("step", "loop"):
+        rows.append((jax_worker, {"row": i, "what": what},
+                     f"jax {what}", network))
+    for memory_format, worker in zip(_FORMATS.value, workers[1:]):
+      rows.append((worker, {}, f"torch {memory_format}", "baseline"))
+    times: dict[tuple[str, str], list[float]] = {}
+    busy: dict[tuple[str, str], list[float]] = {}
+    for round_index in range(_ROUNDS.value):
+      # Each round in the other order, so that no row always follows another.
+      order = rows if round_index % 2 == 0 else rows[::-1]
+      for k, (worker, request, what, network) in enumerate(order):
+        if k and order[k - 1][0] is not worker:
+          time.sleep(_PAUSE_SECONDS)
+        reply = worker.ask(json.dumps({**request, "steps": _STEPS.value})
+                           if request else str(_STEPS.value))
+        times.setdefault((what, network), []).append(reply["seconds"])
+        busy.setdefault((what, network), []).append(reply["busy"])
+    trace = None
+    if _TRACE_DIR.value:
+      time.sleep(_PAUSE_SECONDS)
+      trace = jax_worker.ask(json.dumps(
+          {"row": 0, "what": "trace", "steps": _STEPS.value,
+           "dir": os.path.abspath(_TRACE_DIR.value)}))["text"]
+    for worker in workers:
+      worker.close()
+  _print_table(config, facts, [w.facts for w in workers[1:]], times, busy,
+               threads, trace)
 
-  jax_rows = []
-  for c in configs:
-    rows = JaxRows(c, data)
-    rows.warm_up(_WARMUP.value)
-    jax_rows.append(rows)
-    logging.info("%s: compiled; input ready in %.1f s", _network(c),
-                 rows.input_seconds)
-  torch_row = None
-  if _TORCH.value:
-    torch_row = TorchRow(configs[-1], len(pipeline.train_label_map(data)),
-                         mesh.to_host(jax_rows[-1].fixed),
-                         _TORCH_THREADS.value)
-    torch_row.time_step(max(1, _WARMUP.value))
 
-  # name -> per-round seconds per step.
-  times: dict[tuple[str, str], list[float]] = {}
-  timers: list[tuple[tuple[str, str], Callable[[int], float]]] = []
-  for rows in jax_rows:
-    timers.append((("jax step", _network(rows.config)), rows.time_step))
-    timers.append((("jax loop", _network(rows.config)), rows.time_loop))
-  if torch_row is not None:
-    timers.append((("torch eager", "baseline"), torch_row.time_step))
-  for _ in range(_ROUNDS.value):
-    for key, timer in timers:
-      times.setdefault(key, []).append(timer(_STEPS.value))
-  trace = None
-  if _TRACE_DIR.value:
-    trace = jax_rows[0].trace(_STEPS.value, _TRACE_DIR.value)
-  for rows in jax_rows:
-    rows.close()
-
+def _print_table(config: ml_collections.ConfigDict, facts: dict,
+                 torch_facts: list[dict], times: dict, busy: dict,
+                 threads: int, trace) -> None:
+  """The rows' medians, the versions and the check of the PyTorch twin."""
   median = {k: statistics.median(v) for k, v in times.items()}
   batch = config.ids_per_batch * config.instances_per_id
-  flops = {_network(r.config): r.flops for r in jax_rows}
-  peak = hardware.device_peak(devices[0].device_kind)
-  torch_seconds = median.get(("torch eager", "baseline"))
+  flops = dict(zip(facts["rows"], facts["flops"]))
+  peak = hardware.device_peak(facts["device_kind"])
+  torch_rows = {k: v for k, v in median.items() if k[0].startswith("torch")}
+  fastest = min(torch_rows, key=torch_rows.get) if torch_rows else None
+  torch_seconds = torch_rows.get(fastest)
+  versions = f"jax {facts['jax']}, jaxlib {facts['jaxlib']}"
+  if torch_facts:
+    versions += f", torch {torch_facts[0]['torch']}"
+  print(f"{_describe(config)}; input {facts['source']}, {facts['examples']} "
+        f"triplets; {facts['devices']}")
+  print(f"{versions}; Python {platform.python_version()}; each framework in "
+        f"its own process, pinned to {threads} CPU(s) with {threads} "
+        f"thread(s) (the JAX process saw {facts['cpus']} CPU(s); "
+        f"XLA_FLAGS={facts['xla_flags'] or '(none)'})")
+  if torch_facts:
+    t = torch_facts[0]
+    print(f"PyTorch twin: {t['params']:,} parameters (JAX {facts['params']:,}"
+          f"); loss at init on the same batch and initial parameters "
+          f"{t['init_loss']:.5f} (JAX {facts['init_loss']:.5f}, difference "
+          f"{abs(t['init_loss'] - facts['init_loss']):.1e}); "
+          f"{t['flops'] / 1e9:.1f} GFLOP per step in convolutions and "
+          "matrix products (PyTorch's count)")
   print("| what | network | ms/step | steps/s | triplets/s | vs torch | "
-        "TFLOP/s | % peak |")
-  print("|---|---|---:|---:|---:|---:|---:|---:|")
+        "TFLOP/s | % peak | cores busy |")
+  print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
   for (what, network), seconds in median.items():
+    is_jax = what.startswith("jax")
     ratio = (f"{torch_seconds / seconds:.2f}x" if torch_seconds and
-             network == "baseline" and what != "torch eager" else "-")
+             network == "baseline" else "-")
     # XLA counts the FLOPs of one device's (partitioned) program.
     tflops = flops.get(network, float("nan")) / seconds / 1e12
-    achieved = f"{tflops:.3f}" if what != "torch eager" else "-"
-    share = (f"{100 * tflops / peak:.1f}" if peak and what != "torch eager"
-             else "-")
+    achieved = f"{tflops:.3f}" if is_jax else "-"
+    share = f"{100 * tflops / peak:.1f}" if peak and is_jax else "-"
     print(f"| {what} | {network} | {1e3 * seconds:.1f} | {1 / seconds:.3g} | "
-          f"{batch / seconds:.1f} | {ratio} | {achieved} | {share} |")
-  for rows in jax_rows:
-    network = _network(rows.config)
+          f"{batch / seconds:.1f} | {ratio} | {achieved} | {share} | "
+          f"{statistics.median(busy[(what, network)]):.2f} |")
+  for network in facts["rows"]:
     print(f"loop/step ({network}): "
           f"{median[('jax step', network)] / median[('jax loop', network)]:.2f}"
           f" (throughput of the loop over the pure step)")
   if torch_seconds:
-    print(f"JAX/PyTorch (baseline): step "
+    print(f"JAX/PyTorch (baseline, against {fastest[0]}): step "
           f"{torch_seconds / median[('jax step', 'baseline')]:.2f}x, loop "
           f"{torch_seconds / median[('jax loop', 'baseline')]:.2f}x "
           "(PyTorch time over JAX time: > 1 means JAX is faster)")
+  if "FACENet (config)" in flops and "baseline" in flops:
+    print(f"FACENet step / baseline step: "
+          f"{median[('jax step', 'FACENet (config)')] / median[('jax step', 'baseline')]:.2f}")
   print(f"median of {_ROUNDS.value} rounds x {_STEPS.value} steps; XLA FLOPs "
         f"per step: " + ", ".join(f"{n} {f / 1e9:.1f} G"
                                   for n, f in flops.items()))
   if trace is not None:
-    path, kinds, wall = trace
-    print(f"\nWhere the step's time goes ({_network(config)}, {_STEPS.value} "
-          f"pure steps traced; {path}):")
-    print(profiling.table(kinds, _STEPS.value, wall))
+    print(trace)
 
 
 if __name__ == "__main__":

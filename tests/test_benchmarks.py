@@ -42,8 +42,7 @@ class BenchmarkTrainTest(absltest.TestCase):
     rows = {}
     for line in out.splitlines():
       cells = [c.strip() for c in line.strip("|").split("|")]
-      if len(cells) == 8 and cells[0] in ("jax step", "jax loop",
-                                          "torch eager"):
+      if len(cells) == 9 and cells[0].startswith(("jax ", "torch ")):
         rows[cells[0]] = cells
     self.assertEqual(set(rows), expected, out)
     for cells in rows.values():
@@ -54,6 +53,7 @@ class BenchmarkTrainTest(absltest.TestCase):
       # Tiny batch: 4 ids x 2 instances.
       self.assertAlmostEqual(triplets_per_s, 8 * steps_per_s,
                              delta=0.02 * triplets_per_s + 0.1)
+      self.assertGreater(float(cells[8]), 0.0)  # Cores busy.
     return rows
 
   def test_tiny_baseline_rows_and_where_the_time_goes(self):
@@ -62,6 +62,8 @@ class BenchmarkTrainTest(absltest.TestCase):
     rows = self._rows(out, {"jax step", "jax loop"})
     self.assertGreater(float(rows["jax step"][6]), 0.0)  # TFLOP/s.
     self.assertRegex(out, r"loop/step \(baseline\): \d+\.\d\d")
+    self.assertRegex(out, r"jax \d+\.\d+\.\d+, jaxlib \d+\.\d+\.\d+; .*"
+                     r"own process, pinned to \d+ CPU")
     # The traced steps, by op kind: shares of op time that add up to 100 %.
     self.assertIn("Where the step's time goes (baseline, 2 pure steps", out)
     shares = [float(m) for m in re.findall(r"^\| [^|]+ \| [\d.]+ \| ([\d.]+) %",
@@ -71,17 +73,73 @@ class BenchmarkTrainTest(absltest.TestCase):
     self.assertRegex(out, r"op time \d+\.\d ms per call over \d+\.\d ms")
 
   @pytest.mark.extras
-  def test_pytorch_row_and_ratio(self):
+  def test_pytorch_processes_train_the_same_network(self):
     if importlib.util.find_spec("torch") is None:
       self.skipTest('needs PyTorch: pip install -e ".[torch]"')
     out = self._run("--torch")
-    rows = self._rows(out, {"jax step", "jax loop", "torch eager"})
-    match = re.search(r"JAX/PyTorch \(baseline\): step (\d+\.\d+)x", out)
+    rows = self._rows(out, {"jax step", "jax loop", "torch nchw",
+                            "torch channels_last"})
+    match = re.search(r"JAX/PyTorch \(baseline, against (torch \w+)\): "
+                      r"step (\d+\.\d+)x", out)
     self.assertIsNotNone(match, out)
-    torch_ms, jax_ms = float(rows["torch eager"][2]), float(
-        rows["jax step"][2])
-    self.assertAlmostEqual(float(match.group(1)), torch_ms / jax_ms,
-                           delta=0.02 * torch_ms / jax_ms + 0.01)
+    torch_ms = min(float(rows[k][2]) for k in rows if k.startswith("torch"))
+    self.assertEqual(float(rows[match.group(1)][2]), torch_ms)
+    ratio = torch_ms / float(rows["jax step"][2])
+    self.assertAlmostEqual(float(match.group(2)), ratio,
+                           delta=0.02 * ratio + 0.01)
+    self.assertRegex(out, r"pinned to (\d+) CPU\(s\) with \1 thread\(s\)")
+    # The PyTorch twin is the JAX network: parameters, and the loss at
+    # initialisation from the same parameters on the same batch.
+    twin = re.search(r"PyTorch twin: ([\d,]+) parameters \(JAX ([\d,]+)\); "
+                     r"loss at init .* ([\d.]+) \(JAX ([\d.]+), difference",
+                     out)
+    self.assertIsNotNone(twin, out)
+    self.assertEqual(twin.group(1), twin.group(2))
+    self.assertAlmostEqual(float(twin.group(3)), float(twin.group(4)),
+                           delta=1e-3)
+
+  @pytest.mark.extras
+  def test_torch_benchmark_alone(self):
+    if importlib.util.find_spec("torch") is None:
+      self.skipTest('needs PyTorch: pip install -e ".[torch]"')
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "benchmark_torch.py"),
+         "--batch=2,2", "--input_size=32,16", "--num_classes=4", "--steps=1",
+         "--rounds=1", "--warmup=1", "--threads=1"],
+        env=subprocess_env.script_env(), capture_output=True, text=True,
+        timeout=300, check=False)
+    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+    rows = re.findall(r"^\| (nchw|channels_last) \| ([\d,]+) \| ([\d.]+) \| "
+                      r"([\d.]+) \| ([\d.]+) \|$", done.stdout, flags=re.M)
+    self.assertEqual([r[0] for r in rows], ["nchw", "channels_last"],
+                     done.stdout)
+    # Same network and initialisation in both memory formats.
+    self.assertEqual(rows[0][1:4], rows[1][1:4])
+    self.assertGreater(float(rows[0][2]), 0.0)
+
+  @pytest.mark.extras
+  def test_ops_benchmark_rows(self):
+    if importlib.util.find_spec("torch") is None:
+      self.skipTest('needs PyTorch: pip install -e ".[torch]"')
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "benchmark_ops.py"),
+         "--batch=1", "--input_size=32,16", "--calls=1", "--rounds=1",
+         "--threads=1", "--frameworks=jax,torch_nchw"],
+        env=subprocess_env.script_env(), capture_output=True, text=True,
+        timeout=300, check=False)
+    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+    kinds = re.findall(r"^\| ([a-zA-Z ]+) \| ([\d.]+) \| ([\d.]+) \| "
+                       r"([+-][\d.]+) \|$", done.stdout, flags=re.M)
+    self.assertEqual(
+        [k[0] for k in kinds],
+        ["conv forward", "conv input grad", "conv filter grad",
+         "BatchNorm forward", "BatchNorm backward", "max pool forward",
+         "max pool backward", "all"], done.stdout)
+    total = kinds[-1]
+    self.assertAlmostEqual(sum(float(k[1]) for k in kinds[:-1]),
+                           float(total[1]), delta=0.1 * len(kinds))
+    self.assertAlmostEqual(float(total[3]),
+                           float(total[1]) - float(total[2]), delta=0.11)
 
   def test_grouped_conv_benchmark_prints_its_rows_and_agreeing_gradients(self):
     done = subprocess.run(
