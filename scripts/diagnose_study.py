@@ -185,9 +185,11 @@ def main(argv):
 
 def _diagnose(base, root, seeds) -> None:
   """Runs the probes of every finished run; writes and prints the tables."""
-  # The runs' evaluation programs, compiled by scripts/experiments.py.
-  jax.config.update("jax_compilation_cache_dir",
-                    os.path.join(root, "xla_cache"))
+  # The runs' evaluation programs, compiled by scripts/experiments.py
+  # (or the cache the user set, JAX_COMPILATION_CACHE_DIR).
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(root, "xla_cache"))
   ranking = [p for p in _PROBES.value if p != "rendered_masks"]
   rows = []
   for variant in _VARIANTS.value if ranking else ():

@@ -41,21 +41,21 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + subprocess_env.COMPILE_FLAGS
 
+# XLA compiles dominate this suite on small CPUs. Tests build the same tiny
+# programs many times (every train_and_evaluate makes new jit wrappers, and
+# every script a test starts compiles its programs afresh), so one persistent
+# compilation cache per xdist worker, read by the worker and by the scripts
+# it starts (they inherit these variables), compiles each program once.
+# (One cache shared by both xdist workers, behind JAX's file lock, measured
+# 547 s for the suite against 505 s without sharing: the workers rarely
+# compile the same program in process.)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_SESSION_TMP,
+                                                       "xla_cache")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 import input_pipeline  # noqa: E402,F401  (configures TensorFlow)
 import pytest  # noqa: E402
-
-import jax  # noqa: E402
-
-# XLA compiles dominate this suite on small CPUs. Tests build the same tiny
-# programs many times (every train_and_evaluate makes new jit wrappers), so a
-# session-wide persistent compilation cache compiles each program once per
-# process. (One cache shared by both xdist workers, behind JAX's file lock,
-# measured 547 s for the suite against 505 s without sharing: the workers
-# rarely compile the same program.)
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(_SESSION_TMP, "xla_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 # The slowest test files (about 1.5 to 3 minutes each here), started first:
