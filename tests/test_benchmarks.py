@@ -23,6 +23,16 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _script(test: absltest.TestCase, name: str, *args: str) -> str:
+  """The stdout of scripts/NAME ARGS, which must exit 0."""
+  done = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", name), *args],
+      env=subprocess_env.script_env(), capture_output=True, text=True,
+      timeout=600, check=False)
+  test.assertEqual(done.returncode, 0, done.stderr[-3000:])
+  return done.stdout
+
+
 class BenchmarkTrainTest(absltest.TestCase):
 
   def _run(self, *extra) -> str:
@@ -31,12 +41,7 @@ class BenchmarkTrainTest(absltest.TestCase):
             "--config.model.use_mfmp=False", "--config.model.use_fce=False",
             "--config.loss.modality=none", "--data=generated", "--steps=2",
             "--rounds=1", "--warmup=1", *extra]
-    done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "benchmark_train.py"),
-         *args], env=subprocess_env.script_env(), capture_output=True,
-        text=True, timeout=600, check=False)
-    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
-    return done.stdout
+    return _script(self, "benchmark_train.py", *args)
 
   def _rows(self, out: str, expected: set[str]) -> dict:
     rows = {}
@@ -102,17 +107,13 @@ class BenchmarkTrainTest(absltest.TestCase):
   def test_torch_benchmark_alone(self):
     if importlib.util.find_spec("torch") is None:
       self.skipTest('needs PyTorch: pip install -e ".[torch]"')
-    done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "benchmark_torch.py"),
-         "--batch=2,2", "--input_size=32,16", "--num_classes=4", "--steps=1",
-         "--rounds=1", "--warmup=1", "--threads=1"],
-        env=subprocess_env.script_env(), capture_output=True, text=True,
-        timeout=300, check=False)
-    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+    out = _script(self, "benchmark_torch.py", "--batch=2,2",
+                  "--input_size=32,16", "--num_classes=4", "--steps=1",
+                  "--rounds=1", "--warmup=1", "--threads=1")
     rows = re.findall(r"^\| (nchw|channels_last) \| ([\d,]+) \| ([\d.]+) \| "
-                      r"([\d.]+) \| ([\d.]+) \|$", done.stdout, flags=re.M)
+                      r"([\d.]+) \| ([\d.]+) \|$", out, flags=re.M)
     self.assertEqual([r[0] for r in rows], ["nchw", "channels_last"],
-                     done.stdout)
+                     out)
     # Same network and initialisation in both memory formats.
     self.assertEqual(rows[0][1:4], rows[1][1:4])
     self.assertGreater(float(rows[0][2]), 0.0)
@@ -121,20 +122,16 @@ class BenchmarkTrainTest(absltest.TestCase):
   def test_ops_benchmark_rows(self):
     if importlib.util.find_spec("torch") is None:
       self.skipTest('needs PyTorch: pip install -e ".[torch]"')
-    done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "benchmark_ops.py"),
-         "--batch=1", "--input_size=32,16", "--calls=1", "--rounds=1",
-         "--threads=1", "--frameworks=jax,torch_nchw"],
-        env=subprocess_env.script_env(), capture_output=True, text=True,
-        timeout=300, check=False)
-    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+    out = _script(self, "benchmark_ops.py", "--batch=1",
+                  "--input_size=32,16", "--calls=1", "--rounds=1",
+                  "--threads=1", "--frameworks=jax,torch_nchw")
     kinds = re.findall(r"^\| ([a-zA-Z ]+) \| ([\d.]+) \| ([\d.]+) \| "
-                       r"([+-][\d.]+) \|$", done.stdout, flags=re.M)
+                       r"([+-][\d.]+) \|$", out, flags=re.M)
     self.assertEqual(
         [k[0] for k in kinds],
         ["conv forward", "conv input grad", "conv filter grad",
          "BatchNorm forward", "BatchNorm backward", "max pool forward",
-         "max pool backward", "all"], done.stdout)
+         "max pool backward", "all"], out)
     total = kinds[-1]
     self.assertAlmostEqual(sum(float(k[1]) for k in kinds[:-1]),
                            float(total[1]), delta=0.1 * len(kinds))
@@ -142,21 +139,16 @@ class BenchmarkTrainTest(absltest.TestCase):
                            float(total[1]) - float(total[2]), delta=0.11)
 
   def test_grouped_conv_benchmark_prints_its_rows_and_agreeing_gradients(self):
-    done = subprocess.run(
-        [sys.executable,
-         os.path.join(ROOT, "scripts", "benchmark_grouped_conv.py"),
-         "--batch=1", "--calls=1"], env=subprocess_env.script_env(),
-        capture_output=True, text=True, timeout=600, check=False)
-    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+    out = _script(self, "benchmark_grouped_conv.py", "--batch=1", "--calls=1")
     rows = re.findall(r"^\| (\d+x\d+, \d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|$",
-                      done.stdout, flags=re.M)
+                      out, flags=re.M)
     self.assertEqual([r[0] for r in rows],
                      ["32x16, 16", "16x8, 32", "8x4, 64", "8x4, 128"])
     for _, apart, grouped, ratio in rows:
       self.assertAlmostEqual(float(ratio), float(grouped) / float(apart),
                              delta=0.05 * float(ratio) + 0.05)
-    agree = re.search(r"agree to ([\d.e+-]+)", done.stdout)
-    self.assertIsNotNone(agree, done.stdout)
+    agree = re.search(r"agree to ([\d.e+-]+)", out)
+    self.assertIsNotNone(agree, out)
     self.assertLess(float(agree.group(1)), 1e-4)
 
   def test_op_kinds_sum_numbered_ops_and_skip_runtime_events(self):
@@ -210,13 +202,9 @@ class BenchmarkSearchTest(absltest.TestCase):
   def test_table_rows_and_exact_recall(self):
     if importlib.util.find_spec("faiss") is None:
       self.skipTest('needs faiss: pip install -e ".[search]"')
-    done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "benchmark_search.py"),
-         "--sizes=3000", "--dims=48", "--queries=40", "--batch=16"],
-        env=subprocess_env.script_env(), capture_output=True, text=True,
-        timeout=600, check=False)
-    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
-    table = done.stdout.split("\n\n")[-1]
+    out = _script(self, "benchmark_search.py", "--sizes=3000", "--dims=48",
+                  "--queries=40", "--batch=16")
+    table = out.split("\n\n")[-1]
     rows = {}
     for line in table.splitlines():
       cells = [c.strip() for c in line.strip("|").split("|")]
