@@ -16,6 +16,7 @@ table says which operations make up the difference between the two steps.
   python scripts/benchmark_ops.py --batch=8 --calls=5   # quicker
 """
 
+import importlib.util
 import json
 import os
 import statistics
@@ -272,6 +273,10 @@ def main(argv: Sequence[str]) -> None:
   unknown = set(_FRAMEWORKS.value) - set(_FLAVOURS)
   if unknown or not _FRAMEWORKS.value:
     raise app.UsageError(f"--frameworks: from {_FLAVOURS}")
+  if (any(f.startswith("torch") for f in _FRAMEWORKS.value) and
+      importlib.util.find_spec("torch") is None):
+    raise app.UsageError('the torch_* frameworks need PyTorch: pip install '
+                         '-e ".[torch]" (or --frameworks=jax)')
   cpus = sorted(os.sched_getaffinity(0))
   cpus = cpus[:_THREADS.value or len(cpus)]
   env = {**os.environ, "OMP_NUM_THREADS": str(len(cpus)),

@@ -23,6 +23,7 @@ round-off: the check that both sides train the same network.
 (`--serve`), alternating timing rounds with the JAX process.
 """
 
+import importlib.util
 import json
 import os
 import statistics
@@ -340,6 +341,8 @@ def main(argv: Sequence[str]) -> None:
   unknown = set(_FORMATS.value) - {"nchw", "channels_last"}
   if unknown:
     raise app.UsageError(f"--formats: unknown {sorted(unknown)}")
+  if importlib.util.find_spec("torch") is None:
+    raise app.UsageError('needs PyTorch: pip install -e ".[torch]"')
   threads = limit_threads(_THREADS.value)
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)

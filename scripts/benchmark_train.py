@@ -38,6 +38,7 @@ where the table below knows it (accelerators; run with
       --data=generated --steps=10            # ResNet50, 256x128, no dataset
 """
 
+import importlib.util
 import json
 import os
 import platform
@@ -351,6 +352,8 @@ def main(argv: Sequence[str]) -> None:
       raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}")
   if _WARMUP.value < 0 or _THREADS.value < 0:
     raise app.UsageError("--warmup and --threads must be >= 0")
+  if _TORCH.value and importlib.util.find_spec("torch") is None:
+    raise app.UsageError('--torch needs PyTorch: pip install -e ".[torch]"')
   if _SERVE.value:
     serve(_SERVE.value)
     return

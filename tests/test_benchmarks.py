@@ -118,6 +118,24 @@ class BenchmarkTrainTest(absltest.TestCase):
     self.assertEqual(rows[0][1:4], rows[1][1:4])
     self.assertGreater(float(rows[0][2]), 0.0)
 
+  def test_without_pytorch_the_torch_benchmark_says_what_to_install(self):
+    # The script run with PyTorch hidden, as in the bare [test] install.
+    hide_torch = (
+        "import importlib.util, runpy, sys\n"
+        "find = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a, **k: (\n"
+        "    None if name == 'torch' else find(name, *a, **k))\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    done = subprocess.run(
+        [sys.executable, "-c", hide_torch,
+         os.path.join(ROOT, "scripts", "benchmark_torch.py")],
+        env=subprocess_env.script_env(), capture_output=True, text=True,
+        timeout=300, check=False)
+    self.assertEqual(done.returncode, 1, done.stderr[-3000:])
+    self.assertIn('needs PyTorch: pip install -e ".[torch]"', done.stderr)
+    self.assertNotIn("Traceback", done.stderr)
+
   @pytest.mark.extras
   def test_ops_benchmark_rows(self):
     if importlib.util.find_spec("torch") is None:
