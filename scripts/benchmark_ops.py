@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Callable, Sequence
@@ -28,6 +27,8 @@ from typing import Callable, Sequence
 from absl import app
 from absl import flags
 import numpy as np
+
+from facenet_jax import processes
 
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
 _INPUT_SIZE = flags.DEFINE_list("input_size", ["128", "64"],
@@ -257,13 +258,6 @@ def child(flavour: str) -> None:
     print(json.dumps([t(calls) for t in timers]), flush=True)
 
 
-def _read(process) -> object:
-  for line in process.stdout:
-    if line.startswith(("{", "[")):
-      return json.loads(line)
-  raise SystemExit(f"error: a child ended with status {process.wait()}")
-
-
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -277,30 +271,25 @@ def main(argv: Sequence[str]) -> None:
       importlib.util.find_spec("torch") is None):
     raise app.UsageError('the torch_* frameworks need PyTorch: pip install '
                          '-e ".[torch]" (or --frameworks=jax)')
-  cpus = sorted(os.sched_getaffinity(0))
-  cpus = cpus[:_THREADS.value or len(cpus)]
+  cpus = processes.pinned_cpus(_THREADS.value)
   env = {**os.environ, "OMP_NUM_THREADS": str(len(cpus)),
          "MKL_NUM_THREADS": str(len(cpus))}
   own = ("--rounds", "--frameworks", "--threads")
   args = [a for a in sys.argv[1:] if not a.startswith(own)]
-  children, facts = {}, {}
-  for flavour in _FRAMEWORKS.value:
-    children[flavour] = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), f"--child={flavour}",
-         *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env=env, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
-    facts[flavour] = _read(children[flavour])
+  children = {
+      flavour: processes.Worker(
+          [sys.executable, os.path.abspath(__file__), f"--child={flavour}",
+           *args], cpus, env)
+      for flavour in _FRAMEWORKS.value}
+  facts = {f: worker.facts for f, worker in children.items()}
   times = {f: [] for f in children}
   for round_index in range(_ROUNDS.value):
     order = list(children)[::1 if round_index % 2 == 0 else -1]
     for flavour in order:
-      children[flavour].stdin.write(f"{_CALLS.value}\n")
-      children[flavour].stdin.flush()
-      times[flavour].append(_read(children[flavour]))
+      times[flavour].append(children[flavour].ask(str(_CALLS.value)))
       time.sleep(0.5)  # Spinning OpenMP threads go to sleep.
-  for process in children.values():
-    process.stdin.close()
-    process.wait()
+  for worker in children.values():
+    worker.close()
   ms = {f: [1e3 * statistics.median(r[i] for r in rounds)
             for i in range(len(rounds[0]))] for f, rounds in times.items()}
   names = list(children)

@@ -43,11 +43,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 from absl import app
 from absl import flags
@@ -62,6 +61,7 @@ import numpy as np  # noqa: E402
 
 import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
 from facenet_jax import hardware  # noqa: E402
+from facenet_jax import processes  # noqa: E402
 from facenet_jax import profiling  # noqa: E402
 from facenet_jax.train import build  # noqa: E402
 from facenet_jax.train import feed  # noqa: E402
@@ -284,33 +284,6 @@ def serve(path: str) -> None:
     r.close()
 
 
-class Worker:
-  """A framework's process: one JSON line of facts, then request -> reply."""
-
-  def __init__(self, argv: list[str], cpus: list[int]):
-    self.process = subprocess.Popen(
-        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        preexec_fn=lambda: os.sched_setaffinity(0, cpus))
-    self.facts = self._reply()
-
-  def _reply(self) -> dict[str, Any]:
-    for line in self.process.stdout:
-      if line.startswith("{"):
-        return json.loads(line)
-    raise SystemExit(f"error: {os.path.basename(self.process.args[1])} "
-                     f"ended with status {self.process.wait()} (its errors "
-                     "are above)")
-
-  def ask(self, request: str) -> dict[str, Any]:
-    self.process.stdin.write(request + "\n")
-    self.process.stdin.flush()
-    return self._reply()
-
-  def close(self) -> None:
-    self.process.stdin.close()
-    self.process.wait()
-
-
 def _child_args(args: Sequence[str]) -> list[str]:
   """This command line without the flags the coordinator sets itself."""
   own = ("--serve", "--noserve", "--trace_dir", "--rounds")
@@ -358,17 +331,16 @@ def main(argv: Sequence[str]) -> None:
     serve(_SERVE.value)
     return
   config = _CONFIG.value
-  cpus = sorted(os.sched_getaffinity(0))
-  threads = min(_THREADS.value or len(cpus), len(cpus))
-  cpus = cpus[:threads]
+  cpus = processes.pinned_cpus(_THREADS.value)
+  threads = len(cpus)
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "init.npz")
-    jax_worker = Worker([sys.executable, os.path.abspath(__file__),
+    jax_worker = processes.Worker([sys.executable, os.path.abspath(__file__),
                          f"--serve={path}", *_child_args(sys.argv[1:])], cpus)
     facts = jax_worker.facts
     workers = [jax_worker]
     for memory_format in (_FORMATS.value if _TORCH.value else []):
-      workers.append(Worker(_torch_args(baseline_of(config), facts, path,
+      workers.append(processes.Worker(_torch_args(baseline_of(config), facts, path,
                                         memory_format, threads), cpus))
     # (worker, request, row name, network) in the order of a round.
     rows = []
