@@ -269,8 +269,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"--frameworks: from {_FLAVOURS}")
   if (any(f.startswith("torch") for f in _FRAMEWORKS.value) and
       importlib.util.find_spec("torch") is None):
-    raise app.UsageError('the torch_* frameworks need PyTorch: pip install '
-                         '-e ".[torch]" (or --frameworks=jax)')
+    raise SystemExit('error: the torch_* frameworks need PyTorch: pip '
+                     'install -e ".[torch]" (or --frameworks=jax)')
   cpus = processes.pinned_cpus(_THREADS.value)
   env = {**os.environ, "OMP_NUM_THREADS": str(len(cpus)),
          "MKL_NUM_THREADS": str(len(cpus))}

@@ -342,7 +342,8 @@ def main(argv: Sequence[str]) -> None:
   if unknown:
     raise app.UsageError(f"--formats: unknown {sorted(unknown)}")
   if importlib.util.find_spec("torch") is None:
-    raise app.UsageError('needs PyTorch: pip install -e ".[torch]"')
+    raise SystemExit('error: benchmark_torch.py needs PyTorch: pip install '
+                     '-e ".[torch]"')
   threads = limit_threads(_THREADS.value)
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)

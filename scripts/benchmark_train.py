@@ -326,7 +326,7 @@ def main(argv: Sequence[str]) -> None:
   if _WARMUP.value < 0 or _THREADS.value < 0:
     raise app.UsageError("--warmup and --threads must be >= 0")
   if _TORCH.value and importlib.util.find_spec("torch") is None:
-    raise app.UsageError('--torch needs PyTorch: pip install -e ".[torch]"')
+    raise SystemExit('error: --torch needs PyTorch: pip install -e ".[torch]"')
   if _SERVE.value:
     serve(_SERVE.value)
     return
