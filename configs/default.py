@@ -84,7 +84,8 @@ def get_config() -> ml_collections.ConfigDict:
   # --- Model ------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()
   # Stream backbone (facenet_jax/models/backbones.py): resnet18 | resnet34 |
-  # resnet50 (paper) | resnet101 | vit_s16 | vit_b16 (official code) |
+  # resnet50 (paper) | resnet101 | resnet10 (one block per stage, for tests
+  # and CPU studies) | vit_s16 | vit_b16 (official code) |
   # transreid_b16 (ViT-B/16, overlapping patches, stride 12) | vit_micro8
   # (a 64-wide 4-block ViT with 8x8 patches, for tests and CPU studies).
   config.model.backbone = "resnet50"

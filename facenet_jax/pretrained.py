@@ -122,7 +122,7 @@ def torchvision_name_map(depth: int) -> dict[str, Target]:
   """The table from torchvision/timm state-dict names to our variables.
 
   Args:
-    depth: 18, 34, 50 or 101.
+    depth: 10, 18, 34, 50 or 101.
 
   Returns:
     An ordered dict `torch name -> (collection, path)`, e.g.
@@ -166,7 +166,7 @@ def infer_depth(state_dict: Mapping[str, Any]) -> int:
     state_dict: torch name -> array.
 
   Returns:
-    18, 34, 50 or 101, from the number of blocks per stage and whether blocks
+    10, 18, 34, 50 or 101, from the number of blocks per stage and whether blocks
     have a third convolution (bottlenecks).
 
   Raises:
@@ -289,7 +289,7 @@ def expected_torch_shapes(depth: int) -> dict[str, tuple[int, ...]]:
   computed and the table is checked against the real module tree.
 
   Args:
-    depth: 18, 34, 50 or 101.
+    depth: 10, 18, 34, 50 or 101.
 
   Returns:
     torch name -> shape (OIHW for kernels).

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 H, W = 64, 32
 # Plug in after stage 2: an 8 x 4 mask grid at 64 x 32 inputs.
-MODEL = dict(depth=18, width_multiplier=0.125, fmi_reduction=4, plug_stage=2,
+MODEL = dict(depth=10, width_multiplier=0.125, fmi_reduction=4, plug_stage=2,
              use_fce=False)
 BAR = 250
 RATIO_THRESHOLD = 0.1

@@ -16,7 +16,7 @@ from facenet_jax.models import facenet as facenet_lib
 
 # torchvision's resnet{18,50} parameter counts without the 1000-way fc layer.
 TORCHVISION_PARAMS = {18: 11_689_512 - 513_000, 50: 25_557_032 - 2_049_000}
-TINY = dict(depth=18, width_multiplier=0.125, fmi_reduction=4)
+TINY = dict(depth=10, width_multiplier=0.125, fmi_reduction=4)
 H, W = 64, 32
 
 
@@ -70,7 +70,7 @@ class ResNetTest(parameterized.TestCase):
     self.assertEqual(out.shape, (2, *hw, 2048))
 
   def test_bfloat16_compute_float32_params(self):
-    model = ResNet(depth=18, width_multiplier=0.125, dtype=jnp.bfloat16)
+    model = ResNet(depth=10, width_multiplier=0.125, dtype=jnp.bfloat16)
     out, variables = jax.eval_shape(
         lambda: model.init_with_output(jax.random.key(0),
                                        jnp.zeros((1, 64, 32, 3))))

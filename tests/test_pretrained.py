@@ -21,11 +21,15 @@ import safetensors.numpy
 from facenet_jax import pretrained
 from facenet_jax.models import resnet
 
-SPECS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
-         50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
+SPECS = {10: ("basic", (1, 1, 1, 1)), 18: ("basic", (2, 2, 2, 2)),
+         34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
+         101: ("bottleneck", (3, 4, 23, 3))}
 # torchvision.models.resnet{18,34,50,101}: parameters incl. the classifier.
-TORCHVISION_PARAM_COUNTS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032,
-                            101: 44_549_160}
+# ResNet-10 has no release; its count is summed by hand for the same layout
+# with one block per stage (stem 9,536, stages 73,984 + 230,144 + 919,040 +
+# 3,673,088, classifier 513,000).
+TORCHVISION_PARAM_COUNTS = {10: 5_418_792, 18: 11_689_512, 34: 21_797_672,
+                            50: 25_557_032, 101: 44_549_160}
 BN_FIELDS = ("weight", "bias", "running_mean", "running_var",
              "num_batches_tracked")
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / (

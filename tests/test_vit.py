@@ -213,7 +213,7 @@ class RegistryTest(absltest.TestCase):
     for call in (lambda: backbones.info("vgg16"),
                  lambda: build.parse_depth("vgg16")):
       with self.assertRaisesRegex(
-          ValueError, r"model.backbone: expected one of resnet18, .*vit_b16, "
+          ValueError, r"model.backbone: expected one of resnet10, resnet18, .*vit_b16, "
           r"transreid_b16, vit_micro8; got 'vgg16'"):
         call()
     config = tiny.get_config()

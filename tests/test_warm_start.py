@@ -227,12 +227,12 @@ class WarmStartTest(absltest.TestCase):
     variables = {"params": self.fresh.params,
                  "batch_stats": self.fresh.batch_stats}
     deeper = jax.tree.map(lambda x: x, variables)
-    deeper["params"]["rgb_backbone"]["layer1"]["2"] = (
-        variables["params"]["rgb_backbone"]["layer1"]["1"])
+    deeper["params"]["rgb_backbone"]["layer1"]["1"] = (
+        variables["params"]["rgb_backbone"]["layer1"]["0"])
     with self.assertRaisesRegex(
         warm_start.WarmStartError,
         r"rgb_backbone:\n    only in the source \(\d+\):\n"
-        "      params/rgb_backbone/layer1/2/"):
+        "      params/rgb_backbone/layer1/1/"):
       warm_start.copy_matching(variables, deeper, exact=STREAMS)
     shallower = jax.tree.map(lambda x: x, variables)
     del shallower["batch_stats"]["ni_backbone"]["layer4"]

@@ -1,7 +1,7 @@
 """Backbone registry: `model.backbone` names -> stream modules, one interface.
 
   name            family  stages       plug-in default      stream feature
-  resnet18..101   resnet  4 stages     4 (paper)            GAP of stage 4
+  resnet10..101   resnet  4 stages     4 (paper)            GAP of stage 4
   vit_s16         vit     12 blocks    11 (official code)   CLS token, D 384
   vit_b16         vit     12 blocks    11                   CLS token, D 768
   transreid_b16   vit     12 blocks    11                   CLS token, D 768
@@ -14,7 +14,8 @@ ViT-B/16 with TransReID's overlapping patches (stride 12: 21 x 10 at
 published model: a ViT for tests and CPU studies, D 64, 4 heads, 4 blocks,
 8x8 patches with stride 8, so that 128 x 64 inputs give a 16 x 8 grid and
 64 x 32 inputs an 8 x 4 one, both dividing the input (the pixel-level flare
-target pools the input's saturation map to the grid).
+target pools the input's saturation map to the grid). resnet10, one basic
+block per stage, is no torchvision release either: the tests' ResNet.
 
 Every stream module offers the interface FACENet is written against:
 

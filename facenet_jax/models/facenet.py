@@ -310,7 +310,7 @@ class FACENet(nn.Module):
 
   Attributes:
     num_classes: training identities.
-    backbone: the streams' registry name (backbones.names(): resnet18..101,
+    backbone: the streams' registry name (backbones.names(): resnet10..101,
       vit_s16, vit_b16, transreid_b16, vit_micro8); "" = f"resnet{depth}".
     depth: ResNet depth when `backbone` is "" (the attribute of the releases
       before the registry, kept for their callers).
