@@ -36,8 +36,9 @@ from absl import flags
 import numpy as np
 
 MODALITIES = ("rgb", "ni", "ti")  # As facenet_jax.constants; no import of it.
-_SPECS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
-          50: ("bottleneck", (3, 4, 6, 3)),
+# As facenet_jax.models.resnet.RESNET_SPECS (ResNet-10 is the tests' ResNet).
+_SPECS = {10: ("basic", (1, 1, 1, 1)), 18: ("basic", (2, 2, 2, 2)),
+          34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
           101: ("bottleneck", (3, 4, 23, 3))}
 
 _DEPTH = flags.DEFINE_enum("depth", "18", [str(d) for d in _SPECS],
