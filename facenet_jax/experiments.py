@@ -21,6 +21,7 @@ import os
 import time
 from typing import Callable, Mapping, Optional, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -201,6 +202,15 @@ def variant_config(base: ml_collections.ConfigDict, variant: str,
     node[leaf] = value
   config.seed = seed
   return config
+
+
+def use_compilation_cache(root: str) -> None:
+  """Keeps the study's compiled programs in ROOT/xla_cache, so that the seeds
+  of a variant and scripts/diagnose_study.py compile them once; a cache the
+  user set (JAX_COMPILATION_CACHE_DIR) is kept instead."""
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(root, "xla_cache"))
 
 
 def run_dir(root: str, variant: str, seed: int) -> str:

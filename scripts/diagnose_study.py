@@ -48,7 +48,6 @@ with console_lib.quiet_imports() as _STARTUP:
   from absl import app  # noqa: E402
   from absl import flags  # noqa: E402
   from ml_collections import config_flags  # noqa: E402
-  import jax  # noqa: E402
   import numpy as np  # noqa: E402
   import input_pipeline  # noqa: E402,F401  (hides GPUs from TensorFlow)
   from facenet_jax import checkpointing  # noqa: E402
@@ -185,11 +184,7 @@ def main(argv):
 
 def _diagnose(base, root, seeds) -> None:
   """Runs the probes of every finished run; writes and prints the tables."""
-  # The runs' evaluation programs, compiled by scripts/experiments.py
-  # (or the cache the user set, JAX_COMPILATION_CACHE_DIR).
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.join(root, "xla_cache"))
+  experiments.use_compilation_cache(root)
   ranking = [p for p in _PROBES.value if p != "rendered_masks"]
   rows = []
   for variant in _VARIANTS.value if ranking else ():

@@ -248,11 +248,7 @@ def main(argv):
 
 def _run(config, root, tables, seeds, variants) -> None:
   """Trains and evaluates the study, then scores the masks; prints results."""
-  # Seeds of one variant compile the same programs: cache them on
-  # disk (in the cache the user set, JAX_COMPILATION_CACHE_DIR, if any).
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.join(root, "xla_cache"))
+  experiments.use_compilation_cache(root)
   results_path = os.path.join(
       root, checkpointing.split_file("results.md", config.eval.split))
 
