@@ -335,13 +335,15 @@ def main(argv: Sequence[str]) -> None:
   threads = len(cpus)
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "init.npz")
-    jax_worker = processes.Worker([sys.executable, os.path.abspath(__file__),
-                         f"--serve={path}", *_child_args(sys.argv[1:])], cpus)
+    jax_worker = processes.Worker(
+        [sys.executable, os.path.abspath(__file__), f"--serve={path}",
+         *_child_args(sys.argv[1:])], cpus)
     facts = jax_worker.facts
     workers = [jax_worker]
     for memory_format in (_FORMATS.value if _TORCH.value else []):
-      workers.append(processes.Worker(_torch_args(baseline_of(config), facts, path,
-                                        memory_format, threads), cpus))
+      workers.append(processes.Worker(
+          _torch_args(baseline_of(config), facts, path, memory_format,
+                      threads), cpus))
     # (worker, request, row name, network) in the order of a round.
     rows = []
     for i, network in enumerate(facts["rows"]):
