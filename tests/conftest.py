@@ -30,6 +30,14 @@ atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
 tempfile.tempdir = _SESSION_TMP
 os.environ["TMPDIR"] = _SESSION_TMP
 
+# One directory for the whole run, shared by the xdist workers (they inherit
+# the variable from the process that starts them, which creates it inside its
+# own temporary directory): what several test files can share, made once by
+# the first file that needs it (tests/run_fixtures.py, behind a file lock).
+if "FACENET_JAX_TEST_SHARED" not in os.environ:
+  os.environ["FACENET_JAX_TEST_SHARED"] = os.path.join(_SESSION_TMP, "shared")
+  os.makedirs(os.environ["FACENET_JAX_TEST_SHARED"])
+
 import subprocess_env  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,17 +1,27 @@
-"""A workdir as scripts/main.py leaves it, without training.
+"""Workdirs as scripts/main.py leaves them, for tests of what reads one.
 
-The run is a FACENet of the given config with seeded random weights and
+make_run: a FACENet of the given config with seeded random weights and
 BatchNorm running statistics (so the eval-mode BatchNorm is no identity),
 saved through the Checkpointer with its config.json and run_info.json: what a
-trained workdir holds, for tests of what reads one (export, pictures).
+trained workdir holds, without training (export, pictures).
+
+trained_tiny_run: a copy of configs/tiny.py trained by train_and_evaluate,
+once per test session for every file that asks for it.
 """
 
+import contextlib
+import fcntl
+import io
 import os
+import shutil
 
 import jax
 import numpy as np
 
+from configs import tiny
 from facenet_jax import checkpointing
+from facenet_jax import console
+from facenet_jax.train import loop
 from facenet_jax.train import train_state
 
 NUM_CLASSES = 4
@@ -73,3 +83,48 @@ def truncate_largest_file(directory: str) -> None:
   path = largest_file(directory)
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) // 2)
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+  with open(path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def trained_tiny_run(workdir: str, data_dir: str) -> str:
+  """A copy at `workdir` of configs/tiny.py trained on `data_dir` (4 steps,
+  checkpoints at 2 and 4, evaluated); returns the console's plain lines.
+
+  The run is trained once per test session, in the directory that
+  tests/conftest.py shares between the xdist workers; a file lock makes a
+  second worker wait for the first instead of training it again. Each caller
+  gets its own copy to change. (The copies record the data_dir of the
+  process that trained; configs ignore where the data is.)
+  """
+  shared = os.environ.get("FACENET_JAX_TEST_SHARED")
+  if not shared:
+    raise RuntimeError("FACENET_JAX_TEST_SHARED is unset: run the tests "
+                       "through pytest (tests/conftest.py sets it)")
+  source = os.path.join(shared, "tiny_run")
+  printed = os.path.join(shared, "tiny_run_console.txt")
+  with _locked(os.path.join(shared, "tiny_run.lock")):
+    if not os.path.exists(printed):
+      shutil.rmtree(source, ignore_errors=True)
+      config = tiny.get_config()
+      config.data_dir = data_dir
+      out = io.StringIO()
+      # What a person would see, as plain lines (not a terminal), one per
+      # step.
+      loop.train_and_evaluate(config, source,
+                              console.Console(out, live=False, interval=0.0))
+      with open(printed + ".tmp", "w") as f:
+        f.write(out.getvalue())
+      os.replace(printed + ".tmp", printed)
+  shutil.rmtree(workdir, ignore_errors=True)
+  shutil.copytree(source, workdir)
+  with open(printed) as f:
+    return f.read()

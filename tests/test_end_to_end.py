@@ -7,7 +7,6 @@ workdir reproduces eval_results.json, and the inference Embedder reproduces
 the evaluation embeddings from raw uint8 images.
 """
 
-import io
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from facenet_jax.train import train_state
 import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
 from input_pipeline import pipeline
 from input_pipeline.datasets import synthetic_flare
+import run_fixtures
 
 # Trains runs, starts scripts or compiles the tiny model: left out of the
 # quick loop (-m "not slow").
@@ -59,12 +59,11 @@ class EndToEndTest(absltest.TestCase):
     cls.root = absltest.get_default_test_tmpdir()
     cls.data_dir = os.path.join(cls.root, "tfds")
     cls.workdir = os.path.join(cls.root, "run")
-    shutil.rmtree(cls.workdir, ignore_errors=True)
-    # What a person would see, as plain lines (not a terminal), one per step.
-    cls.console = io.StringIO()
-    cls.results = loop.train_and_evaluate(
-        _config(cls.data_dir), cls.workdir,
-        console.Console(cls.console, live=False, interval=0.0))
+    # The tiny run, trained once for every file that reads one, and what
+    # its console printed.
+    cls.console = run_fixtures.trained_tiny_run(cls.workdir, cls.data_dir)
+    with open(os.path.join(cls.workdir, "eval_results.json")) as f:
+      cls.results = json.load(f)
 
   def test_results_file(self):
     with open(os.path.join(self.workdir, "eval_results.json")) as f:
@@ -87,7 +86,7 @@ class EndToEndTest(absltest.TestCase):
     self.assertEqual(env["backend"], "cpu")
 
   def test_console_shows_header_progress_and_results(self):
-    out = self.console.getvalue()
+    out = self.console
     lines = out.splitlines()
     self.assertNotIn("\r", out)
     self.assertLess(len(lines), 40, out)

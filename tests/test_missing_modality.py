@@ -7,7 +7,6 @@ the sweep (config.eval.missing="all") on one 4-step run of configs/tiny.py.
 import itertools
 import json
 import os
-import shutil
 
 from absl.testing import absltest
 import pytest
@@ -23,6 +22,7 @@ from facenet_jax.train import loop
 from facenet_jax.train import train_state
 from facenet_jax.constants import FLARE_MODALITIES, MODALITIES
 import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
+import run_fixtures
 
 # Trains runs, starts scripts or compiles the tiny model: left out of the
 # quick loop (-m "not slow").
@@ -148,10 +148,8 @@ class SweepTest(absltest.TestCase):
     root = absltest.get_default_test_tmpdir()
     cls.data_dir = os.path.join(root, "tfds")
     cls.workdir = os.path.join(root, "missing_run")
-    shutil.rmtree(cls.workdir, ignore_errors=True)
-    config = cls._config()
-    config.checkpoint_every_steps = 4  # One save: only the last is restored.
-    loop.train_and_evaluate(config, cls.workdir)
+    # The tiny run, trained once for every file that reads one.
+    run_fixtures.trained_tiny_run(cls.workdir, cls.data_dir)
     with open(os.path.join(cls.workdir, "eval_results.json")) as f:
       cls.trained = json.load(f)
     config = cls._config()

@@ -284,7 +284,10 @@ class WarmStartedRunTest(absltest.TestCase):
     cls.config = tiny.get_config()
     cls.config.data_dir = os.path.join(root, "tfds")
     cls.config.model.init_from = cls.source
-    cls.config.num_train_steps = 1
+    # Two steps, each saved: the resume test below removes step 2 and runs
+    # the same config again (the same programs, compiled once).
+    cls.config.num_train_steps = 2
+    cls.config.checkpoint_every_steps = 1
     loop.train_and_evaluate(cls.config, cls.workdir)
 
   def test_first_step_starts_from_the_source(self):
@@ -301,10 +304,9 @@ class WarmStartedRunTest(absltest.TestCase):
   def test_resume_ignores_init_from(self):
     # The source is gone by the time the run resumes: it must not be read.
     shutil.rmtree(self.source)
-    config = self.config.copy_and_resolve_references()
-    config.num_train_steps = 2
+    shutil.rmtree(os.path.join(self.workdir, "checkpoints", "2"))
     with self.assertLogs(level="INFO") as logs:
-      results = loop.train_and_evaluate(config, self.workdir)
+      results = loop.train_and_evaluate(self.config, self.workdir)
     self.assertEqual(results["step"], 2)
     self.assertTrue(any("Resumed from step 1" in line for line in logs.output))
     self.assertFalse(any("Warm start" in line for line in logs.output))
