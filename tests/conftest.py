@@ -33,7 +33,8 @@ os.environ["TMPDIR"] = _SESSION_TMP
 # One directory for the whole run, shared by the xdist workers (they inherit
 # the variable from the process that starts them, which creates it inside its
 # own temporary directory): what several test files can share, made once by
-# the first file that needs it (tests/run_fixtures.py, behind a file lock).
+# the first file that needs it (tests/run_fixtures.py's SHARED_ENV, behind a
+# file lock).
 if "FACENET_JAX_TEST_SHARED" not in os.environ:
   os.environ["FACENET_JAX_TEST_SHARED"] = os.path.join(_SESSION_TMP, "shared")
   os.makedirs(os.environ["FACENET_JAX_TEST_SHARED"])

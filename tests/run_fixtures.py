@@ -14,6 +14,7 @@ import fcntl
 import io
 import os
 import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -25,6 +26,8 @@ from facenet_jax.train import loop
 from facenet_jax.train import train_state
 
 NUM_CLASSES = 4
+# The directory tests/conftest.py shares between the xdist workers.
+SHARED_ENV = "FACENET_JAX_TEST_SHARED"
 
 
 def random_state(config, seed: int,
@@ -99,16 +102,17 @@ def trained_tiny_run(workdir: str, data_dir: str) -> str:
   """A copy at `workdir` of configs/tiny.py trained on `data_dir` (4 steps,
   checkpoints at 2 and 4, evaluated); returns the console's plain lines.
 
-  The run is trained once per test session, in the directory that
-  tests/conftest.py shares between the xdist workers; a file lock makes a
-  second worker wait for the first instead of training it again. Each caller
-  gets its own copy to change. (The copies record the data_dir of the
-  process that trained; configs ignore where the data is.)
+  The run is trained once per test session, in the directory SHARED_ENV
+  names (tests/conftest.py shares it between the xdist workers); a file
+  lock makes a second worker wait for the first instead of training it
+  again. Each caller gets its own copy to change. (The copies record the
+  data_dir of the process that trained; configs ignore where the data is.)
   """
-  shared = os.environ.get("FACENET_JAX_TEST_SHARED")
+  shared = os.environ.get(SHARED_ENV)
   if not shared:
-    raise RuntimeError("FACENET_JAX_TEST_SHARED is unset: run the tests "
-                       "through pytest (tests/conftest.py sets it)")
+    # A test file run by itself, without tests/conftest.py: this process's.
+    shared = tempfile.mkdtemp(prefix="facenet_jax_shared_")
+    os.environ[SHARED_ENV] = shared
   source = os.path.join(shared, "tiny_run")
   printed = os.path.join(shared, "tiny_run_console.txt")
   with _locked(os.path.join(shared, "tiny_run.lock")):

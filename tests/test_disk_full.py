@@ -55,7 +55,10 @@ class DiskFullTest(absltest.TestCase):
         [sys.executable, os.path.join(ROOT, "scripts", "main.py"),
          "--config", os.path.join(ROOT, "configs", "tiny.py"),
          "--workdir", workdir, f"--config.data_dir={data_dir}",
-         "--config.num_train_steps=1000", "--config.checkpoint_every_steps=3",
+         # The length of tests/test_interrupt.py's runs: the same programs
+         # (the suite's compilation cache compiles them once per worker).
+         # The disk is full within a step or two of the first checkpoint.
+         "--config.num_train_steps=16", "--config.checkpoint_every_steps=3",
          "--config.log_every_steps=1"],
         env=subprocess_env.script_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
