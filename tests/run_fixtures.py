@@ -9,7 +9,6 @@ trained_tiny_run: a copy of configs/tiny.py trained by train_and_evaluate,
 once per test session for every file that asks for it.
 """
 
-import contextlib
 import fcntl
 import io
 import os
@@ -88,16 +87,6 @@ def truncate_largest_file(directory: str) -> None:
     f.truncate(os.path.getsize(path) // 2)
 
 
-@contextlib.contextmanager
-def _locked(path: str):
-  with open(path, "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def trained_tiny_run(workdir: str, data_dir: str) -> str:
   """A copy at `workdir` of configs/tiny.py trained on `data_dir` (4 steps,
   checkpoints at 2 and 4, evaluated); returns the console's plain lines.
@@ -115,7 +104,9 @@ def trained_tiny_run(workdir: str, data_dir: str) -> str:
     os.environ[SHARED_ENV] = shared
   source = os.path.join(shared, "tiny_run")
   printed = os.path.join(shared, "tiny_run_console.txt")
-  with _locked(os.path.join(shared, "tiny_run.lock")):
+  # Held until the file is closed (or its process ends).
+  with open(os.path.join(shared, "tiny_run.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
     if not os.path.exists(printed):
       shutil.rmtree(source, ignore_errors=True)
       config = tiny.get_config()
