@@ -46,13 +46,18 @@ def _command(workdir: str, data_dir: str) -> list[str]:
           "--config.checkpoint_every_steps=1000"]
 
 
-def _logged_steps(workdir: str) -> int:
-  """The last step whose metrics the run has logged (0 before any)."""
+def _log(workdir: str) -> str:
+  """WORKDIR/log.txt so far ('' before the run writes it)."""
   try:
     with open(os.path.join(workdir, "log.txt")) as f:
-      found = re.findall(r"\[(\d+)\] train/", f.read())
+      return f.read()
   except FileNotFoundError:
-    return 0
+    return ""
+
+
+def _logged_steps(workdir: str) -> int:
+  """The last step whose metrics the run has logged (0 before any)."""
+  found = re.findall(r"\[(\d+)\] train/", _log(workdir))
   return max((int(s) for s in found), default=0)
 
 
@@ -72,8 +77,13 @@ class InterruptTest(absltest.TestCase):
       self.assertLess(time.time(), deadline, "the run logged no steps")
       time.sleep(0.2)
     # A second signal while the step is saved is logged and changes nothing.
+    # It is sent once the first is logged: two signals pending together
+    # reach Python's handlers in signal-number order, SIGINT first.
     process.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
+    while ("SIGTERM received" not in _log(interrupted)
+           and process.poll() is None):
+      self.assertLess(time.time(), deadline, "SIGTERM was not logged")
+      time.sleep(0.02)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=600)
     self.assertEqual(process.returncode, loop.INTERRUPTED_STATUS,
