@@ -70,9 +70,10 @@ import pytest  # noqa: E402
 from facenet_jax.train import mesh  # noqa: E402
 
 # The 8 fake devices are for the tests of data parallelism, which name the
-# devices they use (mesh.Sharding.create(jax.devices()[:n])). Every other
-# run in a test process (train_and_evaluate, its evaluation) gets one
-# device, as on a user's CPU and as in the scripts the tests start
+# devices they use (mesh.Sharding.create(jax.devices()[:n])): the train
+# step in tests/test_train.py, the evaluation in tests/test_end_to_end.py.
+# Every other run in a test process (train_and_evaluate, its evaluation)
+# gets one device, as on a user's CPU and as in the scripts the tests start
 # (subprocess_env.script_env): 8 partitions of a tiny batch on two cores
 # took the ViT end-to-end test 42-45 s instead of 28-32 s.
 _create_sharding = mesh.Sharding.create.__func__

@@ -26,6 +26,7 @@ from facenet_jax.train import evaluate
 from facenet_jax.train import extract
 from facenet_jax.train import feed
 from facenet_jax.train import loop
+from facenet_jax.train import mesh
 from facenet_jax.train import train_state
 import input_pipeline.datasets  # noqa: F401  (registers synthetic_flare)
 from input_pipeline import pipeline
@@ -220,6 +221,25 @@ class EndToEndTest(absltest.TestCase):
     np.testing.assert_allclose(single[0], emb[0], atol=1e-5)
     with self.assertRaisesRegex(ValueError, "uint8"):
       embedder(raw[0]["rgb"].astype(np.float32), raw[0]["ni"], raw[0]["ti"])
+
+  def test_evaluation_on_eight_devices_matches_one(self):
+    # Runs in a test process use one device (tests/conftest.py); here the
+    # evaluation is sharded over 8, its batch of 12 rounded up to 16 and the
+    # last one padded.
+    config = checkpointing.load_config(self.workdir)
+    config.eval_batch_size = 12
+    model, state, one = train_state.restore_for_eval(config, self.workdir)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    expected = extract.extract(config, model, variables, "query", one)
+    eight = mesh.Sharding.create(jax.devices()[:8])
+    self.assertGreater(len(expected["index"]) % 16, 0)
+    got = extract.extract(config, model,
+                          jax.device_put(variables, eight.replicated),
+                          "query", eight)
+    self.assertEqual(sorted(got), sorted(expected))
+    for key, value in expected.items():
+      np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5,
+                                 err_msg=key)
 
   def test_mask_scores_of_the_run(self):
     config = checkpointing.load_config(self.workdir)

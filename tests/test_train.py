@@ -403,6 +403,15 @@ class InputTest(absltest.TestCase):
     config.input.threads = 3
     self.assertEqual(feed.input_threads(config), 3)
 
+  def test_a_batch_the_devices_do_not_divide_is_refused(self):
+    config = tiny.get_config()
+    config.ids_per_batch, config.instances_per_id = 3, 2
+    feed.check_config(config, mesh.Sharding.create(jax.devices()[:2]))
+    with self.assertRaisesRegex(
+        ValueError, r"ids_per_batch x instances_per_id = 6 must be divisible "
+        r"by the number of devices \(8\)"):
+      feed.check_config(config, mesh.Sharding.create(jax.devices()[:8]))
+
   def test_bad_input_fields_are_named(self):
     for field, value in (("cache", "disk"), ("cache_max_gb", -1.0),
                          ("device_prefetch", -1), ("threads", -2)):
