@@ -12,6 +12,7 @@ once per test session for every file that asks for it.
 import fcntl
 import io
 import os
+import re
 import shutil
 import tempfile
 
@@ -85,6 +86,22 @@ def truncate_largest_file(directory: str) -> None:
   path = largest_file(directory)
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) // 2)
+
+
+def run_log(workdir: str, since: int = 0) -> str:
+  """WORKDIR/log.txt from byte `since` on ('' before the run writes it)."""
+  try:
+    with open(os.path.join(workdir, console.LOG_FILE)) as f:
+      f.seek(since)
+      return f.read()
+  except FileNotFoundError:
+    return ""
+
+
+def logged_steps(workdir: str, since: int = 0) -> int:
+  """The last step whose metrics a run logged after byte `since` (0: none)."""
+  found = re.findall(r"\[(\d+)\] train/", run_log(workdir, since))
+  return max((int(s) for s in found), default=0)
 
 
 def trained_tiny_run(workdir: str, data_dir: str) -> str:

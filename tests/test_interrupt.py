@@ -46,21 +46,6 @@ def _command(workdir: str, data_dir: str) -> list[str]:
           "--config.checkpoint_every_steps=1000"]
 
 
-def _log(workdir: str) -> str:
-  """WORKDIR/log.txt so far ('' before the run writes it)."""
-  try:
-    with open(os.path.join(workdir, "log.txt")) as f:
-      return f.read()
-  except FileNotFoundError:
-    return ""
-
-
-def _logged_steps(workdir: str) -> int:
-  """The last step whose metrics the run has logged (0 before any)."""
-  found = re.findall(r"\[(\d+)\] train/", _log(workdir))
-  return max((int(s) for s in found), default=0)
-
-
 class InterruptTest(absltest.TestCase):
 
   def test_sigterm_saves_the_step_and_the_rerun_ends_identical(self):
@@ -73,14 +58,15 @@ class InterruptTest(absltest.TestCase):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.time() + 600
-    while _logged_steps(interrupted) < 3 and process.poll() is None:
+    while (run_fixtures.logged_steps(interrupted) < 3
+           and process.poll() is None):
       self.assertLess(time.time(), deadline, "the run logged no steps")
       time.sleep(0.2)
     # A second signal while the step is saved is logged and changes nothing.
     # It is sent once the first is logged: two signals pending together
     # reach Python's handlers in signal-number order, SIGINT first.
     process.send_signal(signal.SIGTERM)
-    while ("SIGTERM received" not in _log(interrupted)
+    while ("SIGTERM received" not in run_fixtures.run_log(interrupted)
            and process.poll() is None):
       self.assertLess(time.time(), deadline, "SIGTERM was not logged")
       time.sleep(0.02)

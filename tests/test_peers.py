@@ -25,6 +25,7 @@ import pytest
 from facenet_jax import checkpointing
 from facenet_jax import peers
 from facenet_jax.train import loop
+import run_fixtures
 import subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -33,18 +34,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER_TIMEOUT = 20
 # Startup (imports, compile) on a loaded 2-core machine, before a step logs.
 START_TIMEOUT = 600
-
-
-
-def _logged_steps(workdir: str, since: int) -> int:
-  """The last step logged in WORKDIR/log.txt after its first `since` bytes."""
-  try:
-    with open(os.path.join(workdir, "log.txt")) as f:
-      f.seek(since)
-      found = re.findall(r"\[(\d+)\] train/", f.read())
-  except FileNotFoundError:
-    return 0
-  return max((int(s) for s in found), default=0)
 
 
 class _Pair:
@@ -74,7 +63,7 @@ class _Pair:
     """Until `step` is logged and a checkpoint at or after `checkpoint` is on
     disk (a save in flight is finished by both processes together)."""
     deadline = time.time() + START_TIMEOUT
-    while (_logged_steps(self.workdir, self.log_start) < step or
+    while (run_fixtures.logged_steps(self.workdir, self.log_start) < step or
            max(checkpointing.checkpoint_steps(self.workdir), default=0)
            < checkpoint):
       for p in self.processes:
