@@ -53,13 +53,15 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 # XLA compiles dominate this suite on small CPUs. Tests build the same tiny
 # programs many times (every train_and_evaluate makes new jit wrappers, and
 # every script a test starts compiles its programs afresh), so one persistent
-# compilation cache per xdist worker, read by the worker and by the scripts
-# it starts (they inherit these variables), compiles each program once.
-# (One cache shared by both xdist workers, behind JAX's file lock, measured
-# 547 s for the suite against 505 s without sharing, and later 11:06
-# against 11:16: no clear gain, the workers rarely compile the same program.)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_SESSION_TMP,
-                                                       "xla_cache")
+# compilation cache for the run, read and written by both xdist workers and
+# the scripts they start (they inherit these variables, and JAX locks its
+# files), compiles each program once. Two limits, both JAX's cache keys on a
+# CPU: a test process (8 fake devices) and a script (one device) never share
+# an entry, because the key holds the client's device topology; and in a
+# two-process run, process 1 never hits, because its topology differs from
+# process 0's, which alone writes the cache.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+    os.environ["FACENET_JAX_TEST_SHARED"], "xla_cache")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
