@@ -54,12 +54,16 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 # programs many times (every train_and_evaluate makes new jit wrappers, and
 # every script a test starts compiles its programs afresh), so one persistent
 # compilation cache for the run, read and written by both xdist workers and
-# the scripts they start (they inherit these variables, and JAX locks its
-# files), compiles each program once. Two limits, both JAX's cache keys on a
-# CPU: a test process (8 fake devices) and a script (one device) never share
-# an entry, because the key holds the client's device topology; and in a
-# two-process run, process 1 never hits, because its topology differs from
-# process 0's, which alone writes the cache.
+# the scripts they start (they inherit these variables), compiles each
+# program once. JAX takes no lock on it (it locks only a cache with a size
+# limit, and then lists the whole directory at every write): an entry read
+# while another process is still writing it cannot be read, and JAX then
+# warns and compiles the program (jax._src.compiler._cache_read). Two
+# limits, both from JAX's cache keys on a CPU: a test process (8 fake
+# devices) and a script (one device) never share an entry, because the key
+# holds the client's device topology; and in a two-process run, process 1
+# never hits, because its topology differs from process 0's, which alone
+# writes the cache.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
     os.environ["FACENET_JAX_TEST_SHARED"], "xla_cache")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
